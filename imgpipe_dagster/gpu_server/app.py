@@ -1,0 +1,374 @@
+"""HTTP face of one GPU server (Starlette): /v1/analyze, /health, /metrics.
+
+The app only admits, validates and reports; batching lives in batcher.py and the model in
+inference.py. The model loads in a thread after the server starts listening, so /health answers
+``"status": "loading"`` at once and ``"ready"`` when requests can be served.
+
+Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status:
+400 malformed body or unknown prompt, 401 missing/wrong bearer token, 413 too many images or bytes,
+415 wrong content type, 429 queue full (Retry-After), 503 loading/draining/failed (Retry-After).
+
+Authentication: with a bearer token set, /v1/analyze and /metrics require it. /health stays open
+so that supervisors and load balancers can probe without the secret; it reveals counters only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import os
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from imgpipe_dagster.gpu_server import wire
+from imgpipe_dagster.gpu_server.batcher import BatcherClosed, DynamicBatcher, QueueFull
+from imgpipe_dagster.gpu_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from imgpipe_dagster.gpu_server.metrics import ServerMetrics
+from imgpipe_dagster.gpu_server.nvml import GpuMonitor
+from imgpipe_dagster.gpu_server.settings import ServerSettings
+
+log = logging.getLogger("imgpipe_dagster.gpu_server")
+
+EngineFactory = Callable[[ServerSettings], Any]
+
+
+def load_inference_engine(settings: ServerSettings) -> Any:
+    """Build the real engine: ServerSettings fields that ModelSettings shares are passed through."""
+    from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings
+
+    model_fields = {model_field.name for model_field in dataclasses.fields(ModelSettings)}
+    values = {name: getattr(settings, name) for name in model_fields if hasattr(settings, name)}
+    values.update(settings.engine_options)
+    return InferenceEngine(ModelSettings(**values))
+
+
+class ServerState:
+    """Everything the endpoints share; mutated on the event loop only."""
+
+    def __init__(
+        self, settings: ServerSettings, engine_factory: EngineFactory, on_exit: Callable[[], None]
+    ) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.on_exit = on_exit
+        self.engine: Any = None
+        self.batcher: DynamicBatcher | None = None
+        self.status = "loading"
+        self.load_error: str | None = None
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+        self.last_activity = time.monotonic()
+        self.active_requests = 0
+        self.rejected = 0
+        self.metrics = ServerMetrics()
+        self.gpu = GpuMonitor(settings.device)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def idle_seconds(self) -> float:
+        if self.active_requests or (self.batcher and (self.batcher.queued or self.batcher.in_flight)):
+            return 0.0
+        return time.monotonic() - self.last_activity
+
+    def engine_attr(self, name: str, default: Any = None) -> Any:
+        value = getattr(self.engine, name, default) if self.engine is not None else default
+        return str(value) if value is not None and not isinstance(value, (int, float, str, bool)) else value
+
+    def gpu_memory_used(self) -> float:
+        reading = self.gpu.read()
+        if reading:
+            return float(reading["memory_used_bytes"])
+        stats = self.memory_stats() or {}
+        return float(stats.get("allocated_bytes") or stats.get("memory_allocated_bytes") or 0)
+
+    def memory_stats(self) -> dict[str, Any] | None:
+        if self.engine is None or not hasattr(self.engine, "memory_stats"):
+            return None
+        try:
+            return self.engine.memory_stats()
+        except Exception:
+            return None
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _authorised(state: ServerState, request: Request) -> bool:
+    token = state.settings.bearer_token
+    if not token:
+        return True
+    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), token.encode())
+
+
+async def _read_body_capped(request: Request, cap: int) -> bytes | None:
+    """The body, or None when it exceeds ``cap`` bytes (stops reading at the cap)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        return None
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _unavailable(state: ServerState) -> JSONResponse:
+    if state.status == "failed":
+        return _error(503, "model_failed", f"model failed to load: {state.load_error}")
+    return _error(503, state.status, f"server is {state.status}", headers={"Retry-After": "5"})
+
+
+async def analyze(request: Request) -> Response:
+    state = _state(request)
+    response = await _analyze(state, request)
+    state.metrics.requests.labels(status=str(response.status_code)).inc()
+    if response.status_code >= 400:
+        state.rejected += 1
+    return response
+
+
+async def _analyze(state: ServerState, request: Request) -> Response:
+    settings = state.settings
+    if not _authorised(state, request):
+        return _error(401, "unauthorised", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != wire.CONTENT_TYPE:
+        return _error(
+            415,
+            "unsupported_media_type",
+            f"expected Content-Type {wire.CONTENT_TYPE}, got {content_type or 'none'}",
+        )
+    state.last_activity = time.monotonic()
+    state.active_requests += 1
+    try:
+        body = await _read_body_capped(request, settings.max_request_bytes)
+        if body is None:
+            return _error(413, "too_large", f"request body exceeds {settings.max_request_bytes} bytes")
+        try:
+            parsed = wire.decode_request(body)
+        except wire.FramingError as error:
+            return _error(400, "bad_request", str(error))
+        del body
+        if not parsed.images:
+            return _error(400, "empty", "the request carries no images")
+        if len(parsed.images) > settings.request_image_cap:
+            return _error(
+                413,
+                "too_many_images",
+                f"{len(parsed.images)} images; at most {settings.request_image_cap} per request",
+            )
+        if state.status != "ready" or state.batcher is None:
+            return _unavailable(state)
+        try:
+            prompt_version = state.engine.prompt_version(parsed.prompt)
+        except Exception as error:
+            return _error(400, "unknown_prompt", f"unknown prompt {parsed.prompt!r}: {error}")
+        started = time.monotonic()
+        try:
+            outcomes = await state.batcher.submit(parsed.images, parsed.prompt)
+        except QueueFull as full:
+            return _error(429, "queue_full", str(full), {"Retry-After": str(int(full.retry_after_s))})
+        except BatcherClosed:
+            return _unavailable(state)
+        elapsed = time.monotonic() - started
+        state.metrics.request_seconds.observe(elapsed)
+        results = []
+        for index, outcome in enumerate(outcomes):
+            result = outcome.result
+            entry: dict[str, Any] = {
+                "index": index,
+                "text": getattr(result, "text", None),
+                "analysis": getattr(result, "analysis", None),
+                "parse_ok": bool(getattr(result, "parse_ok", False)),
+                "prompt_tokens": getattr(result, "prompt_tokens", 0),
+                "generated_tokens": getattr(result, "generated_tokens", 0),
+                "error": outcome.error or getattr(result, "error", None),
+                "batch_size": outcome.batch_size,
+                "timings": {
+                    "queue_ms": round(outcome.queue_ms, 3),
+                    "batch_ms": round(outcome.batch_ms, 3),
+                    "prepare_ms": round(outcome.prepare_ms, 3),
+                    "inference_ms": round(outcome.inference_ms, 3),
+                },
+            }
+            results.append(entry)
+            if entry["error"]:
+                state.metrics.images_failed.inc()
+            else:
+                state.metrics.images_processed.inc()
+        return JSONResponse(
+            {
+                "model": state.engine_attr("model_name"),
+                "prompt": parsed.prompt,
+                "prompt_version": prompt_version,
+                "request_ms": round(elapsed * 1000.0, 3),
+                "results": results,
+            }
+        )
+    finally:
+        state.active_requests -= 1
+        state.last_activity = time.monotonic()
+
+
+def health_snapshot(state: ServerState) -> dict[str, Any]:
+    settings = state.settings
+    batcher = state.batcher
+    stats = batcher.stats if batcher else None
+    now = time.monotonic()
+    return {
+        # legacy fields
+        "workers": settings.max_concurrent_generations,
+        "queue_size": batcher.queued if batcher else 0,
+        # new fields
+        "status": state.status,
+        "error": state.load_error,
+        "model": state.engine_attr("model_name"),
+        "model_path": settings.model_path,
+        "device": state.engine_attr("device", settings.device),
+        "dtype": state.engine_attr("dtype"),
+        "queue_capacity": settings.max_inference_queue_size,
+        "max_inference_batch_size": settings.max_inference_batch_size,
+        "max_request_images": settings.request_image_cap,
+        "in_flight": batcher.in_flight if batcher else 0,
+        "batches_in_pipeline": batcher.batches_in_pipeline if batcher else 0,
+        "generating": bool(batcher and batcher.generating),
+        "active_requests": state.active_requests,
+        "processed": stats.processed if stats else 0,
+        "failed": stats.failed if stats else 0,
+        "rejected_requests": state.rejected,
+        "batches": stats.batches if stats else 0,
+        "mean_batch_size": (stats.batched_images / stats.batches) if stats and stats.batches else 0.0,
+        "mean_generation_ms": (stats.generation_seconds_total / stats.batches * 1000.0)
+        if stats and stats.batches
+        else 0.0,
+        "batch_seconds_estimate": batcher.batch_seconds_estimate
+        if batcher
+        else settings.gen_time_default_est,
+        "images_per_second": batcher.images_per_second() if batcher else 0.0,
+        "gpu": state.gpu.read(),
+        "memory": state.memory_stats(),
+        "uptime_s": now - state.started_at,
+        "idle_s": state.idle_seconds(),
+        "idle_timeout_s": settings.idle_timeout_s,
+        "pid": os.getpid(),
+        "port": settings.port,
+        "auth_required": bool(settings.bearer_token),
+    }
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    return JSONResponse(health_snapshot(state), status_code=503 if state.status == "failed" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    if not _authorised(state, request):
+        return _error(401, "unauthorised", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(404, "not_found", f"no route {request.method} {request.url.path}")
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return _error(405, "method_not_allowed", f"{request.method} not allowed on {request.url.path}")
+
+
+async def _load_model(state: ServerState) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        state.engine = await loop.run_in_executor(None, state.engine_factory, state.settings)
+    except Exception as error:
+        state.status = "failed"
+        state.load_error = f"{type(error).__name__}: {error}"
+        log.error("model failed to load:\n%s", traceback.format_exc())
+        state.on_exit()
+        return
+    state.batcher = DynamicBatcher(state.engine, state.settings, on_batch_done=state.metrics.observe_batch)
+    state.batcher.start()
+    state.status = "ready"
+    state.ready_at = state.last_activity = time.monotonic()
+    log.info(
+        "ready: model=%s device=%s dtype=%s port=%s",
+        state.engine_attr("model_name"),
+        state.engine_attr("device"),
+        state.engine_attr("dtype"),
+        state.settings.port,
+    )
+
+
+async def _watch_idle(state: ServerState) -> None:
+    timeout = state.settings.idle_timeout_s
+    period = min(5.0, max(0.2, timeout / 4))
+    while True:
+        await asyncio.sleep(period)
+        if state.status == "ready" and state.idle_seconds() >= timeout:
+            log.info("idle for %.0f s (timeout %.0f s): exiting", state.idle_seconds(), timeout)
+            state.status = "draining"
+            state.on_exit()
+            return
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    engine_factory: EngineFactory = load_inference_engine,
+    on_exit: Callable[[], None] | None = None,
+) -> Starlette:
+    """The ASGI app. ``on_exit`` asks the hosting server to stop (idle timeout, failed model load)."""
+    state = ServerState(settings, engine_factory, on_exit or (lambda: None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.metrics.queue_capacity.set(settings.max_inference_queue_size)
+        state.metrics.bind_gauges(
+            queue_depth=lambda: state.batcher.queued if state.batcher else 0,
+            in_flight=lambda: state.batcher.in_flight if state.batcher else 0,
+            ready=lambda: 1.0 if state.status == "ready" else 0.0,
+            gpu_memory_used=state.gpu_memory_used,
+        )
+        loop = asyncio.get_running_loop()
+        state.tasks.append(loop.create_task(_load_model(state), name="load-model"))
+        if settings.idle_timeout_s > 0:
+            state.tasks.append(loop.create_task(_watch_idle(state), name="idle-watch"))
+        try:
+            yield
+        finally:
+            if state.status != "failed":
+                state.status = "draining"
+            for task in state.tasks:
+                task.cancel()
+            if state.batcher is not None:
+                await state.batcher.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/analyze", analyze, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    return app
