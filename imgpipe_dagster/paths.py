@@ -1,0 +1,45 @@
+"""Where the project's files live, both in a checkout and in an installed wheel.
+
+Non-code files sit in the top-level ``resources/`` folder of a checkout; the wheel build copies
+them into ``imgpipe_dagster/_resources`` (see setup.py), so one lookup serves both layouts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def resources_dir() -> Path:
+    installed = _PACKAGE_DIR / "_resources"
+    if installed.is_dir():
+        return installed
+    checkout = _PACKAGE_DIR.parent / "resources"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(
+        f"imgpipe resources not found (looked in {installed} and {checkout}); reinstall the package"
+    )
+
+
+def resource_path(relative: str) -> Path:
+    """Path of a shipped non-code file, e.g. ``resource_path("sql")`` or ``"prompts/analysis_v1.txt"``."""
+    path = resources_dir() / relative
+    if not path.exists():
+        raise FileNotFoundError(f"imgpipe resource missing: {relative} (in {resources_dir()})")
+    return path
+
+
+def project_root() -> Path | None:
+    """The checkout this package runs from, or None for an installed wheel."""
+    root = _PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def imgpipe_home() -> Path:
+    """State folder (embedded database, Dagster home, GPU server pid files): ``$IMGPIPE_HOME`` or ./.imgpipe."""
+    configured = os.environ.get("IMGPIPE_HOME")
+    home = Path(configured) if configured else Path.cwd() / ".imgpipe"
+    return home.resolve()

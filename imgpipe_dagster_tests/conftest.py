@@ -1,0 +1,112 @@
+"""Shared fixtures: a real PostgreSQL (IMGPIPE_TEST_DATABASE_URL, else the embedded server), fresh
+databases cut from migrated templates, and Dagster instances backed by the same server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from imgpipe_dagster.store import database as db
+from imgpipe_dagster.store.embedded import EmbeddedPostgres
+from imgpipe_dagster.store.migrations import migrate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The embedded server widens permissions on its parent folders: keep it out of pytest's 0700 tmp.
+TEST_STATE_DIR = REPO_ROOT / ".imgpipe" / "test"
+
+
+def _create_from_template(server_url: str, name: str, template: str) -> str:
+    with db.connect(db.with_database(server_url, "postgres"), autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                psycopg.sql.Identifier(name), psycopg.sql.Identifier(template)
+            )
+        )
+    return db.with_database(server_url, name)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of a running server (database part irrelevant); the embedded one is stopped at the end."""
+    configured = os.environ.get("IMGPIPE_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    TEST_STATE_DIR.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedPostgres(TEST_STATE_DIR / "pg")
+    was_running = server.status().running
+    url = server.start()
+    yield url
+    if not was_running:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def _templates(pg_server_url: str) -> Iterator[dict[str, str]]:
+    """Per-run template databases: the project schema, and an initialised Dagster storage."""
+    run = uuid.uuid4().hex[:8]
+    project_tpl = f"imgpipe_test_{run}_tpl"
+    dagster_tpl = f"imgpipe_test_{run}_dtpl"
+    project_url = db.with_database(pg_server_url, project_tpl)
+    db.ensure_database(project_url)
+    with db.connect(project_url) as conn:
+        migrate(conn)
+    dagster_url = db.with_database(pg_server_url, dagster_tpl)
+    db.ensure_database(dagster_url)
+    from dagster._core.instance_for_test import instance_for_test
+
+    with instance_for_test(overrides=_dagster_storage(dagster_url)):
+        pass  # creating the instance runs Dagster's own schema migrations once
+    created: list[str] = [project_tpl, dagster_tpl]
+    yield {"project": project_tpl, "dagster": dagster_tpl, "run": run, "created": created}
+    for name in reversed(created):
+        db.drop_database(db.with_database(pg_server_url, name))
+
+
+def _dagster_storage(url: str) -> dict:
+    return {"storage": {"postgres": {"postgres_url": db.sqlalchemy_url(url)}}}
+
+
+@pytest.fixture
+def database_url(pg_server_url: str, _templates: dict) -> str:
+    """A fresh, migrated project database for one test."""
+    name = f"imgpipe_test_{_templates['run']}_{uuid.uuid4().hex[:8]}"
+    _templates["created"].append(name)
+    return _create_from_template(pg_server_url, name, _templates["project"])
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection]:
+    with db.connect(database_url) as connection:
+        yield connection
+
+
+@pytest.fixture
+def dagster_database_url(pg_server_url: str, _templates: dict) -> str:
+    name = f"imgpipe_test_{_templates['run']}_{uuid.uuid4().hex[:8]}_dagster"
+    _templates["created"].append(name)
+    return _create_from_template(pg_server_url, name, _templates["dagster"])
+
+
+@pytest.fixture
+def dagster_instance(dagster_database_url: str, database_url: str, monkeypatch):
+    """A Dagster instance on its own Postgres storage; the project URL is exported for resources."""
+    from dagster._core.instance_for_test import instance_for_test
+
+    monkeypatch.setenv(db.DATABASE_URL_ENV, database_url)
+    monkeypatch.setenv(db.DAGSTER_DATABASE_URL_ENV, db.sqlalchemy_url(dagster_database_url))
+    with instance_for_test(overrides=_dagster_storage(dagster_database_url)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def imgpipe_home(tmp_path: Path, monkeypatch) -> Path:
+    home = tmp_path / "imgpipe_home"
+    home.mkdir()
+    monkeypatch.setenv("IMGPIPE_HOME", str(home))
+    return home
