@@ -1,0 +1,103 @@
+"""CPU image preparation for Qwen-VL: decode, size to the patch grid, and patchify with torch.
+
+The HF image processor is general (any size, video, resampling on every call) and slow; the
+fetch stage already delivers resized images, so here decoding is the only per-image cost and
+normalising + patchifying runs batched, on the GPU when the engine has one. The layout matches
+``Qwen2VLImageProcessor`` exactly (tested in imgpipe_dagster_tests/gpu_server/test_inference.py).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+# CLIP normalisation constants (the Qwen2-VL preprocessor config values).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+GRID_FACTOR = PATCH_SIZE * MERGE_SIZE  # image sides must be multiples of this (28 px)
+
+
+class ImageDecodeError(ValueError):
+    pass
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = GRID_FACTOR):
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+    Same rule as the Qwen2-VL processor."""
+    if min(height, width) <= 0:
+        raise ImageDecodeError("empty image")
+    if max(height, width) / min(height, width) > 200:
+        raise ImageDecodeError(f"aspect ratio over 200 ({width}x{height})")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def decode_image(data: bytes, min_pixels: int, max_pixels: int) -> np.ndarray:
+    """Bytes -> RGB uint8 array (H, W, 3) whose sides fit the patch grid. Raises ImageDecodeError."""
+    if not data:
+        raise ImageDecodeError("empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+    width, height = rgb.size
+    target_h, target_w = smart_resize(height, width, min_pixels, max_pixels)
+    if (target_h, target_w) != (height, width):
+        rgb = rgb.resize((target_w, target_h), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def normalise_and_patchify(images: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images (B, H, W, 3), all one size -> pixel_values (B*gh*gw, 3*2*14*14) in the
+    processor's layout: merge-window-major patch order, each patch channel x time x row x col,
+    the still frame repeated over the temporal patch."""
+    batch, height, width, channels = images.shape
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=images.device) * 255.0
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=images.device) * 255.0
+    x = (images.permute(0, 3, 1, 2).to(torch.float32) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return _patchify(x, out_dtype)
+
+
+def _patchify(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    gh, gw = height // PATCH_SIZE, width // PATCH_SIZE
+    m, p = MERGE_SIZE, PATCH_SIZE
+    x = x.reshape(batch, channels, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # B, gh/m, gw/m, m, m, C, p, p
+    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, TEMPORAL_PATCH_SIZE, -1, -1)
+    return x.reshape(batch * gh * gw, channels * TEMPORAL_PATCH_SIZE * p * p).to(out_dtype)
+
+
+def normalise_and_patchify_single_frame(images: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Like normalise_and_patchify without repeating the still frame: (B*gh*gw, 3*14*14).
+    The fast vision path folds the two temporal halves of the patch-embedding kernel into one."""
+    batch, height, width, _ = images.shape
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=images.device) * 255.0
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=images.device) * 255.0
+    x = (images.permute(0, 3, 1, 2).to(torch.float32) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    gh, gw = height // PATCH_SIZE, width // PATCH_SIZE
+    m, p = MERGE_SIZE, PATCH_SIZE
+    x = x.reshape(batch, 3, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    return x.reshape(batch * gh * gw, 3 * p * p).to(out_dtype)
+
+
+def image_token_count(height: int, width: int) -> int:
+    return (height // GRID_FACTOR) * (width // GRID_FACTOR)
