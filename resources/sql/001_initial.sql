@@ -35,8 +35,9 @@ CREATE TABLE corpus_urls (
     metadata        jsonb,
     state           url_state   NOT NULL DEFAULT 'pending',
     attempts        integer     NOT NULL DEFAULT 0,    -- fetch/inference attempts charged to the URL
-    lease_owner     text,
+    lease_owner     text,                 -- the run (Dagster run id) holding the lease
     lease_expires_at timestamptz,
+    next_attempt_at timestamptz,          -- backoff: a failed_retryable URL is not claimed before this
     last_error_class text,
     last_error      text,
     updated_at      timestamptz NOT NULL DEFAULT now()

@@ -1,0 +1,236 @@
+"""Claiming work with leases, and writing outcomes exactly once.
+
+A run leases the URLs it processes (``lease_owner`` = its run id). An outcome is written by one
+statement that moves the URL out of *this run's* lease and upserts its result row, so a URL whose
+lease was taken over by another run (ours expired) is never written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+log = logging.getLogger("imgpipe.store")
+
+FINAL_STATES = ("done", "failed_permanent")
+UNFINISHED_STATES = ("pending", "leased", "failed_retryable")
+
+
+@dataclass(frozen=True)
+class ClaimedUrl:
+    url_hash: bytes
+    url: str
+    shard_id: str
+    attempts: int
+
+
+@dataclass
+class UrlOutcome:
+    """What became of one leased URL. ``state`` is the URL's next state:
+    done / failed_permanent (final, with a result row), failed_retryable (backoff until
+    ``next_attempt_at``) or pending (returned without spending its retry budget)."""
+
+    url_hash: bytes
+    url: str
+    shard_id: str
+    state: str
+    attempts: int
+    error_class: str | None = None
+    error_message: str | None = None
+    next_attempt_at: datetime | None = None
+    result: dict = field(default_factory=dict)  # url_analysis_results columns (see RESULT_COLUMNS)
+
+
+RESULT_COLUMNS = (
+    "http_status", "content_type", "bytes", "width", "height", "format", "sha256", "phash",
+    "model_text", "analysis", "parse_ok", "model", "prompt_version", "prompt_tokens",
+    "generated_tokens", "download_ms", "inference_ms", "gpu",
+)  # fmt: skip
+
+_STAGING_COLUMNS = (
+    "url_hash", "url", "shard_id", "new_state", "attempts", "error_class", "error_message",
+    "next_attempt_at", *RESULT_COLUMNS,
+)  # fmt: skip
+
+_CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staging_outcomes (
+    url_hash bytea, url text, shard_id text, new_state url_state, attempts integer,
+    error_class text, error_message text, next_attempt_at timestamptz,
+    http_status integer, content_type text, bytes integer, width integer, height integer, format text,
+    sha256 text, phash bigint, model_text text, analysis jsonb, parse_ok boolean, model text,
+    prompt_version text, prompt_tokens integer, generated_tokens integer, download_ms real,
+    inference_ms real, gpu text
+) ON COMMIT DELETE ROWS
+"""
+
+_RESULT_INSERT_COLUMNS = ("url_hash", "url", "shard_id", "status", "attempts", "error_class", "error_message",
+                          "run_id", *RESULT_COLUMNS)  # fmt: skip
+
+# One statement: leave our lease, then upsert the result rows of the URLs that reached a final state.
+_APPLY_OUTCOMES = f"""
+WITH owned AS (
+    UPDATE corpus_urls c
+       SET state = s.new_state,
+           attempts = s.attempts,
+           last_error_class = s.error_class,
+           last_error = s.error_message,
+           next_attempt_at = s.next_attempt_at,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           updated_at = now()
+      FROM staging_outcomes s
+     WHERE c.url_hash = s.url_hash AND c.state = 'leased' AND c.lease_owner = %(owner)s
+ RETURNING c.url_hash
+), written AS (
+    INSERT INTO url_analysis_results ({", ".join(_RESULT_INSERT_COLUMNS)})
+    SELECT s.url_hash, s.url, s.shard_id,
+           CASE WHEN s.new_state = 'done' THEN 'ok' ELSE 'failed' END,
+           s.attempts, s.error_class, s.error_message, %(owner)s,
+           {", ".join("s." + c for c in RESULT_COLUMNS)}
+      FROM staging_outcomes s JOIN owned o ON o.url_hash = s.url_hash
+     WHERE s.new_state IN ('done', 'failed_permanent')
+    ON CONFLICT (url_hash) DO UPDATE SET
+           {", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:] if c != "url_hash")},
+           created_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM written)
+"""  # noqa: S608 - column names are constants of this module, values are parameters
+
+
+def claim(
+    conn: psycopg.Connection, owner: str, shard_ids: Sequence[str], limit: int, lease_s: float
+) -> list[ClaimedUrl]:
+    """Lease up to ``limit`` claimable URLs of the shards: pending, retryable past their backoff,
+    or leased by someone whose lease expired. SKIP LOCKED lets concurrent runs claim side by side."""
+    rows = conn.execute(
+        """
+        UPDATE corpus_urls c
+           SET state = 'leased', lease_owner = %(owner)s,
+               lease_expires_at = now() + make_interval(secs => %(lease_s)s), updated_at = now()
+          FROM (SELECT url_hash FROM corpus_urls
+                 WHERE shard_id = ANY(%(shards)s)
+                   AND (state = 'pending'
+                        OR (state = 'failed_retryable' AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
+                        OR (state = 'leased' AND lease_expires_at < now()))
+                 LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED) pick
+         WHERE c.url_hash = pick.url_hash
+     RETURNING c.url_hash, c.url, c.shard_id, c.attempts
+        """,
+        {"owner": owner, "lease_s": lease_s, "shards": list(shard_ids), "limit": limit},
+    ).fetchall()
+    conn.commit()
+    return [ClaimedUrl(bytes(h), url, shard, attempts) for h, url, shard, attempts in rows]
+
+
+def renew_leases(conn: psycopg.Connection, owner: str, lease_s: float) -> int:
+    cur = conn.execute(
+        "UPDATE corpus_urls SET lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE state = 'leased' AND lease_owner = %s",
+        (lease_s, owner),
+    )
+    conn.commit()
+    return cur.rowcount
+
+
+def release_leases(conn: psycopg.Connection, owner: str) -> int:
+    """Return every URL this owner still leases to pending without spending a retry (a crashed run,
+    a failed run's cleanup, a GPU outage at the end of a run)."""
+    cur = conn.execute(
+        "UPDATE corpus_urls SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+        " WHERE state = 'leased' AND lease_owner = %s",
+        (owner,),
+    )
+    conn.commit()
+    return cur.rowcount
+
+
+def _staging_row(outcome: UrlOutcome) -> tuple:
+    result = outcome.result
+    analysis = result.get("analysis")
+    values = []
+    for column in RESULT_COLUMNS:
+        value = result.get(column)
+        if column == "analysis" and analysis is not None:
+            value = Jsonb(analysis)
+        elif isinstance(value, str):
+            value = value.replace("\x00", "")  # Postgres text cannot hold NUL (model output can)
+        values.append(value)
+    return (
+        outcome.url_hash, outcome.url, outcome.shard_id, outcome.state, outcome.attempts,
+        outcome.error_class, _clip(outcome.error_message), outcome.next_attempt_at, *values,
+    )  # fmt: skip
+
+
+def _clip(message: str | None, limit: int = 2000) -> str | None:
+    if message is None:
+        return None
+    message = message.replace("\x00", "")
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def write_outcomes(conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlOutcome]) -> tuple[int, int]:
+    """COPY the chunk into a staging table, then apply it in one statement, in one transaction.
+    Returns (URLs whose state moved, result rows written)."""
+    if not outcomes:
+        return 0, 0
+    with conn.transaction():
+        conn.execute(_CREATE_STAGING)
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY staging_outcomes ({', '.join(_STAGING_COLUMNS)}) FROM STDIN") as copy:
+                for outcome in outcomes:
+                    copy.write_row(_staging_row(outcome))
+            moved, written = cur.execute(_APPLY_OUTCOMES, {"owner": owner}).fetchone()
+    if moved < len(outcomes):
+        log.warning("%d of %d outcomes skipped: their lease was no longer held by %s", len(outcomes) - moved,
+                    len(outcomes), owner)
+    return moved, written
+
+
+def write_outcomes_executemany(conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlOutcome]) -> tuple[int, int]:
+    """The same semantics row by row (executemany): the baseline bench/pipeline.py compares against."""
+    moved = written = 0
+    columns = ", ".join(_RESULT_INSERT_COLUMNS)
+    placeholders = ", ".join(["%s"] * len(_RESULT_INSERT_COLUMNS))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:])
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE corpus_urls SET state = %s, attempts = %s, last_error_class = %s, last_error = %s,"
+            " next_attempt_at = %s, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+            " WHERE url_hash = %s AND state = 'leased' AND lease_owner = %s",
+            [(o.state, o.attempts, o.error_class, _clip(o.error_message), o.next_attempt_at, o.url_hash, owner)
+             for o in outcomes],
+        )
+        moved = len(outcomes)
+        finals = [o for o in outcomes if o.state in FINAL_STATES]
+        cur.executemany(
+            f"INSERT INTO url_analysis_results ({columns}) VALUES ({placeholders})"  # noqa: S608
+            f" ON CONFLICT (url_hash) DO UPDATE SET {updates}, created_at = now()",
+            [
+                (o.url_hash, o.url, o.shard_id, "ok" if o.state == "done" else "failed", o.attempts,
+                 o.error_class, _clip(o.error_message), owner, *_staging_row(o)[8:])
+                for o in finals
+            ],
+        )
+        written = len(finals)
+    return moved, written
+
+
+def shard_state_counts(conn: psycopg.Connection, shard_ids: Sequence[str]) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT state::text, count(*) FROM corpus_urls WHERE shard_id = ANY(%s) GROUP BY 1", (list(shard_ids),)
+    ).fetchall()
+    counts = dict.fromkeys(FINAL_STATES + UNFINISHED_STATES, 0)
+    counts.update({state: n for state, n in rows})
+    return counts
+
+
+def dumps_for_log(value) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
