@@ -360,6 +360,8 @@ def create_app(
                 task.cancel()
             if state.batcher is not None:
                 await state.batcher.close()
+            if state.engine is not None and hasattr(state.engine, "close"):
+                state.engine.close()
 
     app = Starlette(
         routes=[

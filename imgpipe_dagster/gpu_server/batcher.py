@@ -362,7 +362,9 @@ class DynamicBatcher:
             finally:
                 generate_seconds = time.perf_counter() - started
                 self.generating = False
-        generated = len(prepare.good) if generate_error is None else 0
+        # Rows that really ran: the engine may carry undecodable images as per-image errors.
+        rows = getattr(prepare.prepared, "rows", len(prepare.good)) if prepare.good else 0
+        generated = rows if generate_error is None else 0
         by_index = dict(zip(prepare.good, results, strict=False)) if generate_error is None else {}
         good = set(prepare.good)
         for index, item in enumerate(batch.items):
@@ -374,7 +376,7 @@ class DynamicBatcher:
             outcome = ImageOutcome(
                 result=by_index.get(index),
                 error=error,
-                batch_size=len(prepare.good) if index in good else 0,
+                batch_size=rows if index in good else 0,
                 queue_ms=(batch.formed_at - item.enqueued_at) * 1000.0,
                 batch_ms=(generate_started - batch.formed_at) * 1000.0,
                 prepare_ms=prepare.seconds * 1000.0,
@@ -385,8 +387,8 @@ class DynamicBatcher:
             else:
                 self.stats.processed += 1
             item.future.set_result(outcome)
-        if prepare.good:
-            self._record_batch(len(prepare.good), generated, generate_seconds, prepare.seconds)
+        if rows:
+            self._record_batch(rows, generated, generate_seconds, prepare.seconds)
 
     def _record_batch(
         self, size: int, generated: int, generate_seconds: float, prepare_seconds: float
