@@ -114,6 +114,44 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+# ---------------------------------------------------------------- GPU servers and models
+
+
+@command("gpu-server")
+def cmd_gpu_server(args: argparse.Namespace) -> int:
+    from imgpipe_dagster.gpu_server.launcher import launcher_main
+
+    passthrough = list(args.rest)
+    if not any(a.startswith("--state-dir") for a in passthrough):
+        passthrough = ["--state-dir", str(imgpipe_home() / "gpu-servers"), *passthrough]
+    return launcher_main([args.action, *passthrough])
+
+
+@command("make-tiny-model")
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.dir, arch=args.arch, seed=args.seed)
+    print(f"tiny random {args.arch} checkpoint written to {path} (for tests: its text is noise)")
+    return 0
+
+
+# ---------------------------------------------------------------- verification
+
+
+@command("verify")
+def cmd_verify(args: argparse.Namespace) -> int:
+    from imgpipe_dagster.store.verify import verify
+
+    url = db.resolve_database_url()
+    with db.connect(url) as conn:
+        report = verify(conn, args.shard or None)
+    print("\n".join(report.lines()))
+    if not report.ok:
+        return 1
+    return 0 if report.complete or not args.require_complete else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgpipe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,6 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the Dagster UI and daemon on the project's database")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+
+    p = sub.add_parser("gpu-server", help="start | stop | status of the per-GPU inference servers",
+                       add_help=False)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="launcher options (--devices, --base-port) and server options (--model, …)")
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-VL checkpoint (tests, demos)")
+    p.add_argument("dir")
+    p.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("verify", help="check that every URL is in exactly one final state with its result row")
+    p.add_argument("--shard", action="append", help="limit to these shards (repeatable)")
+    p.add_argument("--require-complete", action="store_true", help="exit 1 while URLs are still unfinished")
 
     for extend in EXTENSIONS:
         extend(sub)

@@ -1,0 +1,54 @@
+"""progress_report: the whole corpus at a glance (the legacy psql and redis-cli checks, as an asset)."""
+
+from __future__ import annotations
+
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+
+from imgpipe_dagster.resources import PostgresResource
+from imgpipe_dagster.store.stats import progress
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown (nothing processed in the last hour)"
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    return (f"{days}d " if days else "") + f"{hours}h {rest // 60}m"
+
+
+@asset(
+    deps=[AssetKey("image_analysis")],
+    group_name="analysis",
+    kinds={"postgres"},
+    description="URLs total/done/failed/pending, rate over the last 10 minutes and hour, ETA of the backlog, "
+    "top error classes and per-GPU rate.",
+)
+def progress_report(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
+    with postgres.connect() as conn:
+        p = progress(conn)
+    states = p.urls_by_state
+    lines = [
+        f"URLs: {p.urls_total} total, {states['done']} done, {states['failed_permanent']} failed, "
+        f"{p.urls_unfinished} unfinished (pending {states['pending']}, leased {states['leased']}, "
+        f"retry later {states['failed_retryable']})",
+        f"shards: {p.shards_total} total, {p.shards_unfinished} unfinished",
+        f"rate: {p.rate_10m_per_s * 60:.0f} URLs/min (10 min), {p.rate_1h_per_s * 60:.0f} URLs/min (1 h)",
+        f"ETA of the backlog: {_duration(p.eta_s)}",
+    ]
+    context.log.info("\n".join(lines))
+    return MaterializeResult(
+        metadata={
+            "summary": MetadataValue.md("\n".join(f"- {line}" for line in lines)),
+            "urls_total": p.urls_total,
+            "urls_done": states["done"],
+            "urls_failed": states["failed_permanent"],
+            "urls_unfinished": p.urls_unfinished,
+            "shards_unfinished": p.shards_unfinished,
+            "urls_per_min_10m": round(p.rate_10m_per_s * 60, 1),
+            "urls_per_min_1h": round(p.rate_1h_per_s * 60, 1),
+            "eta": _duration(p.eta_s),
+            "eta_s": p.eta_s or 0.0,
+            "top_errors_24h": MetadataValue.json(dict(p.top_errors_24h)),
+            "per_gpu_images_per_s_10m": MetadataValue.json({k: round(v, 2) for k, v in p.per_gpu_10m.items()}),
+        }
+    )

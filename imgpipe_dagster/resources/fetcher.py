@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from imgpipe_dagster.fetch.settings import DEFAULT_USER_AGENT, FetchSettings
+from imgpipe_dagster.profiles import WorkerProfile
+
+ALLOWED_NETWORKS_ENV = "IMGPIPE_ALLOWED_NETWORKS"
+
+
+class FetcherResource(ConfigurableResource):
+    """Download policy that is not a throughput knob (those come from the profile)."""
+
+    user_agent: str = Field(default=DEFAULT_USER_AGENT, description="User-Agent sent to image hosts")
+    honour_noai_opt_out: bool = Field(default=True, description="skip images whose host sends X-Robots-Tag noai")
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR networks exempt from the private-address block (tests, a demo on 127.0.0.1); "
+        f"${ALLOWED_NETWORKS_ENV} (comma-separated) adds to it",
+    )
+    max_bytes: int = Field(default=20 * 1024 * 1024, description="largest download accepted, bytes")
+    max_image_pixels: int = Field(default=40_000_000, description="larger images are refused before decoding")
+    target_pixels: int = Field(default=448 * 448, description="pixel budget of the resized image sent to the model")
+
+    def settings(self, worker: WorkerProfile) -> FetchSettings:
+        extra = [n.strip() for n in os.environ.get(ALLOWED_NETWORKS_ENV, "").split(",") if n.strip()]
+        return FetchSettings(
+            connection_pool_size=worker.connection_pool_size,
+            enable_keepalive=worker.enable_keepalive,
+            enable_prefetch=worker.enable_prefetch,
+            prefetch_queue_size=worker.prefetch_queue_size,
+            prefetch_concurrent_downloads=worker.prefetch_concurrent_downloads,
+            prefetch_download_timeout=worker.prefetch_download_timeout,
+            image_resize_threads=worker.image_resize_threads,
+            user_agent=self.user_agent,
+            honour_noai_opt_out=self.honour_noai_opt_out,
+            allowed_networks=[*self.allowed_networks, *extra],
+            max_bytes=self.max_bytes,
+            max_image_pixels=self.max_image_pixels,
+            target_pixels=self.target_pixels,
+        )
