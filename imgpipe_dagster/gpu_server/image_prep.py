@@ -62,7 +62,7 @@ def decode_image(data: bytes, min_pixels: int, max_pixels: int) -> np.ndarray:
     target_h, target_w = smart_resize(height, width, min_pixels, max_pixels)
     if (target_h, target_w) != (height, width):
         rgb = rgb.resize((target_w, target_h), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
 def normalise_and_patchify(images: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -12,6 +12,7 @@ Two generation backends share one ``prepare``:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import threading
@@ -204,6 +205,7 @@ class InferenceEngine:
         self._pad_token_id = self.tokenizer.pad_token_id
         if self._pad_token_id is None:
             self._pad_token_id = self._end_token_ids[-1]
+        self._wants_token_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
         self._prompt_ids: dict[str, tuple[list[int], list[int]]] = {}
         self._prompt_lock = threading.Lock()
         self._generate_calls = 0
@@ -389,6 +391,9 @@ class InferenceEngine:
             eos_token_id=self._end_token_ids,
             pad_token_id=self._pad_token_id,
         )
+        if self._wants_token_types:
+            # newer transformers compute multimodal rope positions from explicit token types
+            kwargs["mm_token_type_ids"] = (batch.input_ids == self._image_token_id).to(torch.int32).to(dev)
         if self.settings.static_cache:
             kwargs["cache_implementation"] = "static"
         with torch.inference_mode():
