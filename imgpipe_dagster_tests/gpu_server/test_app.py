@@ -1,0 +1,266 @@
+"""The HTTP server as a real process with the tiny model: admission, batching, errors, health, auth, idle exit."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from imgpipe_dagster.gpu_server import wire
+from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
+from imgpipe_dagster.gpu_server.settings import ServerSettings
+
+TOKEN = "test-token-123"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def jpeg(color: str, size: int = 56) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+IDLE_TIMEOUT_S = 4.0
+
+
+def post_images(
+    url: str, images: list[bytes], prompt: str = "analysis_v1", headers: dict | None = None
+) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/analyze",
+        content=wire.encode_request(images, prompt),
+        headers={"Content-Type": wire.CONTENT_TYPE, **(AUTH if headers is None else headers)},
+        timeout=120,
+    )
+
+
+def server_settings(model_dir: Path) -> ServerSettings:
+    return ServerSettings(
+        model_path=str(model_dir),
+        device="cpu",
+        max_new_tokens=8,
+        bearer_token=TOKEN,
+        max_inference_batch_size=8,
+        # Long enough that concurrent single-image requests meet in one batch, and that a partial
+        # batch visibly waits in the queue.
+        batch_wait_timeout=0.5,
+        max_inference_queue_size=8,
+        max_concurrent_generations=1,
+        max_request_bytes=512 * 1024,
+        gen_time_default_est=2.0,
+        idle_timeout_s=IDLE_TIMEOUT_S,
+    )
+
+
+@dataclass
+class Server:
+    launcher: GpuServerLauncher
+    endpoint: Endpoint
+    settings: ServerSettings
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = server_settings(tiny_model_dir)
+    launcher = GpuServerLauncher(tmp_path_factory.mktemp("gpu-server"), settings, startup_timeout_s=120)
+    try:
+        (endpoint,) = launcher.ensure(["cpu"], base_port=free_port())
+        yield Server(launcher, endpoint, settings)
+    finally:
+        launcher.stop(timeout_s=10)
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=30).json()
+
+
+def assert_still_serving(url: str) -> None:
+    response = post_images(url, [jpeg("green")])
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["error"] is None
+
+
+def test_analyze_returns_text_tokens_and_timings_per_image(server: Server) -> None:
+    response = post_images(server.url, [jpeg("red"), jpeg("blue")])
+    assert response.status_code == 200
+    payload = response.json()
+    assert payload["model"] == Path(server.settings.model_path).name
+    assert payload["prompt"] == "analysis_v1" and payload["prompt_version"].startswith("analysis_v1@")
+    assert len(payload["results"]) == 2
+    for index, result in enumerate(payload["results"]):
+        assert result["index"] == index
+        assert result["error"] is None
+        assert isinstance(result["text"], str)
+        assert result["prompt_tokens"] > 0 and 0 < result["generated_tokens"] <= 8
+        assert result["batch_size"] == 2
+        assert set(result["timings"]) >= {"queue_ms", "batch_ms", "inference_ms"}
+        assert result["timings"]["inference_ms"] > 0
+        assert "analysis" in result and "parse_ok" in result
+
+
+def test_concurrent_requests_are_batched_together(server: Server) -> None:
+    before = health(server.url)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: post_images(server.url, [jpeg("white", 56 + i)]), range(8)))
+    assert all(response.status_code == 200 for response in responses)
+    sizes = [response.json()["results"][0]["batch_size"] for response in responses]
+    # Single-image requests only reach batch sizes above 1 by sharing a generate() call.
+    assert max(sizes) > 1
+    after = health(server.url)
+    assert after["processed"] - before["processed"] == 8
+    assert after["batches"] - before["batches"] < 8
+    assert after["mean_batch_size"] > 1
+
+
+def test_a_corrupt_image_fails_alone(server: Server) -> None:
+    response = post_images(server.url, [jpeg("red"), b"definitely not an image", jpeg("blue")])
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert results[0]["error"] is None and results[2]["error"] is None
+    assert results[1]["error"] and "decode" in results[1]["error"]
+    assert results[0]["generated_tokens"] > 0 and results[2]["generated_tokens"] > 0
+    assert health(server.url)["failed"] >= 1
+    assert_still_serving(server.url)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "code"),
+    [
+        (wire.CONTENT_TYPE, wire.encode_request([], "analysis_v1"), 400, "empty"),
+        (wire.CONTENT_TYPE, b"", 400, "bad_request"),
+        (wire.CONTENT_TYPE, b'\x00\x00\x00\x05{"a":', 400, "bad_request"),
+        (wire.CONTENT_TYPE, wire.encode_request([b"x"], "no_such_prompt"), 400, "unknown_prompt"),
+        (wire.CONTENT_TYPE, wire.encode_request([b"x"] * 9, "analysis_v1"), 413, "too_many_images"),
+        (wire.CONTENT_TYPE, wire.encode_request([b"x" * 600_000], "analysis_v1"), 413, "too_large"),
+        ("application/json", b'{"images": []}', 415, "unsupported_media_type"),
+        ("multipart/form-data; boundary=x", b"--x--", 415, "unsupported_media_type"),
+        (None, b"raw", 415, "unsupported_media_type"),
+    ],
+    ids=[
+        "empty",
+        "no-body",
+        "bad-header",
+        "unknown-prompt",
+        "too-many",
+        "too-big",
+        "json",
+        "multipart",
+        "none",
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(
+    server: Server, content_type: str | None, body: bytes, status: int, code: str
+) -> None:
+    headers = dict(AUTH)
+    if content_type:
+        headers["Content-Type"] = content_type
+    response = httpx.post(f"{server.url}/v1/analyze", content=body, headers=headers, timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert_still_serving(server.url)
+
+
+def test_health_reports_legacy_and_new_fields(server: Server) -> None:
+    settings = server.settings
+    report = health(server.url)
+    assert report["workers"] == settings.max_concurrent_generations
+    assert report["queue_size"] == 0
+    assert report["status"] == "ready"
+    assert report["model"] == Path(settings.model_path).name
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["queue_capacity"] == 8 and report["max_inference_batch_size"] == 8
+    assert report["max_request_images"] == 8
+    assert report["in_flight"] == 0 and report["generating"] is False
+    assert report["pid"] == server.endpoint.pid and report["port"] == server.endpoint.port
+    assert report["gpu"] is None  # no NVML on a CPU server
+    for key in (
+        "processed",
+        "failed",
+        "mean_batch_size",
+        "mean_generation_ms",
+        "images_per_second",
+        "uptime_s",
+    ):
+        assert report[key] >= 0
+    assert report["idle_s"] >= 0 and report["idle_timeout_s"] == IDLE_TIMEOUT_S
+
+
+def test_health_answers_while_a_batch_generates(server: Server) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_images, server.url, [jpeg(color) for color in ("red", "blue", "gray")])
+        seen_generating = False
+        while not pending.done() and not seen_generating:
+            seen_generating = health(server.url)["generating"]
+        assert pending.result().status_code == 200
+    # Had generate() blocked the event loop, /health would only ever answer between batches.
+    assert seen_generating
+
+
+def test_metrics_are_prometheus_text_with_conventional_names(server: Server) -> None:
+    assert_still_serving(server.url)
+    response = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in (
+        "imgpipe_gpu_server_images_processed_total",
+        "imgpipe_gpu_server_images_failed_total",
+        "imgpipe_gpu_server_queue_depth",
+        "imgpipe_gpu_server_batch_size_bucket",
+        "imgpipe_gpu_server_generation_seconds_bucket",
+    ):
+        assert name in text
+
+
+def test_bearer_token_guards_analyze_and_metrics_but_not_health(server: Server) -> None:
+    assert post_images(server.url, [jpeg("red")], headers={}).status_code == 401
+    assert (
+        post_images(server.url, [jpeg("red")], headers={"Authorization": "Bearer wrong"}).status_code == 401
+    )
+    assert httpx.get(f"{server.url}/metrics", timeout=30).status_code == 401
+    report = httpx.get(f"{server.url}/health", timeout=30)
+    assert report.status_code == 200 and report.json()["auth_required"] is True
+    assert_still_serving(server.url)
+
+
+def test_full_queue_answers_429_with_retry_after(server: Server) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        # 7 of 8 queue places: a partial batch, so it waits batch_wait_timeout in the queue.
+        filling = pool.submit(post_images, server.url, [jpeg("red")] * 7)
+        while health(server.url)["queue_size"] == 0:
+            assert not filling.done(), "the queue never filled"
+        refused = post_images(server.url, [jpeg("white")] * 2)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert filling.result().status_code == 200
+    assert_still_serving(server.url)
+
+
+def test_server_exits_after_its_idle_timeout(server: Server) -> None:
+    """Runs last: the server leaves IDLE_TIMEOUT_S after the previous test's last request."""
+    process = psutil.Process(server.endpoint.pid)
+    deadline = time.monotonic() + 60
+    while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "idle server still running"
+        time.sleep(0.2)
+    assert "idle for" in Path(server.launcher.status()[0]["log"]).read_text()
