@@ -1,0 +1,152 @@
+"""The async client against a real tiny-model server process: results, and errors mapped to what a caller does."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from imgpipe_dagster.gpu_server.client import (
+    GpuClient,
+    ImageAnalysis,
+    RequestRejected,
+    ServerBusy,
+    ServerTimeout,
+    ServerUnavailable,
+)
+from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
+from imgpipe_dagster.gpu_server.settings import ServerSettings
+
+TOKEN = "client-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def jpeg(color: str, size: int = 56) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    settings = ServerSettings(
+        model_path=str(tiny_model_dir),
+        max_new_tokens=4,
+        bearer_token=TOKEN,
+        max_inference_batch_size=8,
+        batch_wait_timeout=0.5,
+        max_inference_queue_size=8,
+        max_concurrent_generations=1,
+    )
+    launcher = GpuServerLauncher(tmp_path_factory.mktemp("client-server"), settings, startup_timeout_s=120)
+    try:
+        yield launcher.ensure(["cpu"], base_port=free_port())[0]
+    finally:
+        launcher.stop(timeout_s=10)
+
+
+def test_analyze_returns_one_result_per_image_in_order(endpoint: Endpoint) -> None:
+    async def scenario() -> list[ImageAnalysis]:
+        async with GpuClient(endpoint.url, token=TOKEN) as client:
+            return await client.analyze([jpeg("red"), b"not an image", jpeg("blue")], prompt="analysis_v1")
+
+    results = asyncio.run(scenario())
+    assert [result.ok for result in results] == [True, False, True]
+    assert results[1].error and results[1].generated_tokens == 0
+    for result in (results[0], results[2]):
+        assert isinstance(result.text, str) and result.generated_tokens > 0 and result.prompt_tokens > 0
+        assert result.prompt_version.startswith("analysis_v1@") and result.model
+        assert {"queue_ms", "batch_ms", "inference_ms"} <= set(result.timings)
+
+
+def test_concurrent_small_requests_from_one_client_share_batches(endpoint: Endpoint) -> None:
+    async def scenario() -> tuple[list[list[ImageAnalysis]], dict]:
+        async with GpuClient(endpoint.url, token=TOKEN) as client:
+            answers = await asyncio.gather(*(client.analyze([jpeg("white", 56 + i)]) for i in range(6)))
+            return answers, await client.health()
+
+    answers, health = asyncio.run(scenario())
+    assert all(answer[0].ok for answer in answers)
+    assert max(answer[0].batch_size for answer in answers) > 1
+    assert health["status"] == "ready" and health["queue_size"] == 0
+
+
+def test_full_queue_raises_server_busy_with_the_retry_delay(endpoint: Endpoint) -> None:
+    async def scenario() -> ServerBusy:
+        async with GpuClient(endpoint.url, token=TOKEN) as client:
+            # 7 of 8 places, a partial batch: it waits batch_wait_timeout in the queue.
+            filling = asyncio.create_task(client.analyze([jpeg("red")] * 7))
+            while (await client.health())["queue_size"] == 0:
+                assert not filling.done(), "the queue never filled"
+            with pytest.raises(ServerBusy) as busy:
+                await client.analyze([jpeg("blue")] * 2)
+            assert all(result.ok for result in await filling)
+            return busy.value
+
+    busy = asyncio.run(scenario())
+    assert busy.retry_after_s >= 1
+
+
+@pytest.mark.parametrize(
+    ("token", "images", "prompt", "status"),
+    [
+        ("wrong", [b"x"], "analysis_v1", 401),
+        (TOKEN, [b"x"], "no_such_prompt", 400),
+        (TOKEN, [], "analysis_v1", 400),
+        (TOKEN, [b"x"] * 9, "analysis_v1", 413),
+    ],
+    ids=["bad-token", "unknown-prompt", "empty", "too-many"],
+)
+def test_requests_the_server_refuses_raise_request_rejected(
+    endpoint: Endpoint, token: str, images: list[bytes], prompt: str, status: int
+) -> None:
+    async def scenario() -> None:
+        async with GpuClient(endpoint.url, token=token) as client:
+            with pytest.raises(RequestRejected) as rejected:
+                await client.analyze(images, prompt=prompt)
+            assert rejected.value.status_code == status and rejected.value.code
+
+    asyncio.run(scenario())
+
+
+def test_nothing_listening_raises_server_unavailable() -> None:
+    async def scenario() -> None:
+        async with GpuClient(f"http://127.0.0.1:{free_port()}", timeout_s=5) as client:
+            with pytest.raises(ServerUnavailable):
+                await client.analyze([b"x"])
+            with pytest.raises(ServerUnavailable):
+                await client.health()
+
+    asyncio.run(scenario())
+
+
+def test_server_errors_and_timeouts_map_to_server_unavailable() -> None:
+    """Status mapping only (a real server will not produce these on demand): scripted transport."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            raise httpx.ReadTimeout("slow", request=request)
+        return httpx.Response(
+            503, headers={"Retry-After": "7"}, json={"error": {"code": "loading", "message": "x"}}
+        )
+
+    async def scenario() -> None:
+        async with GpuClient("http://gpu", transport=httpx.MockTransport(respond)) as client:
+            with pytest.raises(ServerUnavailable) as unavailable:
+                await client.analyze([b"x"])
+            assert unavailable.value.status_code == 503 and unavailable.value.retry_after_s == 7
+            with pytest.raises(ServerTimeout):
+                await client.health()
+
+    asyncio.run(scenario())
