@@ -1,0 +1,7 @@
+"""Sensors: the throttle (feeder), new corpus files, run failures. See README_SECTION.md."""
+
+from imgpipe_dagster.sensors.corpus import corpus_files
+from imgpipe_dagster.sensors.run_failure import shard_run_failures
+from imgpipe_dagster.sensors.throttle import throttle_sensor
+
+SENSORS: list = [throttle_sensor, corpus_files, shard_run_failures]

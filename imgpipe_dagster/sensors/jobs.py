@@ -1,0 +1,42 @@
+"""The jobs the sensors and the nightly schedule request, defined once.
+
+Dagster matches a sensor's target jobs to the Definitions' jobs by object identity: two
+``define_asset_job("analyze_medium", ...)`` objects with the same name fail to load
+("Duplicate definition found"). So the jobs live here and definitions.py imports them.
+Assets are named by key, so this module imports no asset module.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, define_asset_job
+
+from imgpipe_dagster.partitions import url_shards
+from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
+
+ANALYSIS = AssetSelection.assets("image_analysis")
+PROFILE_TAG = "imgpipe/profile"
+
+
+def analysis_job(profile: str):
+    """`analyze_<profile>`: image_analysis over chosen shards, with that profile's run config preset."""
+    return define_asset_job(
+        f"analyze_{profile}",
+        selection=ANALYSIS,
+        partitions_def=url_shards,
+        config=profile_run_config(profile),
+        description=f"Analyse shards with the {profile} profile (profiles/{profile}.yaml).",
+        tags={PROFILE_TAG: profile},
+    )
+
+
+def analysis_job_name(profile: str) -> str:
+    return f"analyze_{profile}"
+
+
+ANALYSIS_JOBS = {name: analysis_job(name) for name in PROFILE_NAMES}
+INGEST_JOB = define_asset_job(
+    "ingest_corpus",
+    selection=AssetSelection.assets("url_corpus"),
+    description="Ingest URL files into the corpus and add their shards.",
+)
+REPORT_JOB = define_asset_job("refresh_progress_report", selection=AssetSelection.assets("progress_report"))
