@@ -4,6 +4,7 @@ databases cut from migrated templates, and Dagster instances backed by the same 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,13 +38,14 @@ def pg_server_url() -> Iterator[str]:
     if configured:
         yield configured
         return
+    # One server per pytest session, so concurrent sessions never stop each other's server.
     TEST_STATE_DIR.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedPostgres(TEST_STATE_DIR / "pg")
-    was_running = server.status().running
+    data_dir = TEST_STATE_DIR / f"pg-{os.getpid()}"
+    server = EmbeddedPostgres(data_dir)
     url = server.start()
     yield url
-    if not was_running:
-        server.stop()
+    server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +112,20 @@ def imgpipe_home(tmp_path: Path, monkeypatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("IMGPIPE_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL checkpoint (real config, tokenizer and processor files), built once."""
+    from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture
+def image_server():
+    """The real image server on 127.0.0.1 (photos and every fault)."""
+    from imgpipe_dagster.testing.image_server import ImageServer
+
+    with ImageServer() as server:
+        yield server

@@ -5,7 +5,6 @@ the Launchpad without being written twice. Dagster checks the types when a run i
 merged values are validated against the profile model (ranges, orderings) when the run starts.
 """
 
-from __future__ import annotations
 
 from typing import Optional
 

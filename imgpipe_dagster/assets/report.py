@@ -1,6 +1,5 @@
 """progress_report: the whole corpus at a glance (the legacy psql and redis-cli checks, as an asset)."""
 
-from __future__ import annotations
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
