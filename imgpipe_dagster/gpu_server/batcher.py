@@ -140,6 +140,8 @@ class DynamicBatcher:
         self._changed = asyncio.Event()
         self._generate_queue: asyncio.Queue[_Batch | None] = asyncio.Queue()
         self._batches_in_pipeline = 0
+        # Batches formed and not finished, so that close() can answer their images if it must give up.
+        self._pipeline_batches: dict[int, _Batch] = {}
         # Batches formed but not yet handed to generate() (preparing or prepared and waiting).
         self._batches_ahead = 0
         self._images_in_pipeline = 0
@@ -169,7 +171,10 @@ class DynamicBatcher:
             done, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
             for task in pending:
                 task.cancel()
-        for item in self._pending:
+        abandoned = list(self._pending) + [
+            item for batch in self._pipeline_batches.values() for item in batch.items
+        ]
+        for item in abandoned:
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("server shutting down"))
         self._pending.clear()
@@ -287,6 +292,7 @@ class DynamicBatcher:
         batch.prepared = asyncio.wrap_future(
             self._prepare_pool.submit(self._prepare, [item.image for item in taken], prompt), loop=loop
         )
+        self._pipeline_batches[id(batch)] = batch
         self._batches_in_pipeline += 1
         self._batches_ahead += 1
         self._images_in_pipeline += len(taken)
@@ -332,6 +338,7 @@ class DynamicBatcher:
                 traceback.print_exc()
                 self._fail_unresolved(batch, "internal error in the batch loop")
             finally:
+                self._pipeline_batches.pop(id(batch), None)
                 self._batches_in_pipeline -= 1
                 self._images_in_pipeline -= len(batch.items)
                 self._changed.set()

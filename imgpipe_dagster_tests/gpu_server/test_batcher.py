@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from imgpipe_dagster.gpu_server.batcher import DynamicBatcher, QueueFull
+from imgpipe_dagster.gpu_server.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from imgpipe_dagster.gpu_server.settings import ServerSettings
 
 
@@ -226,5 +226,39 @@ def test_timings_and_throughput_are_reported() -> None:
             assert outcome.inference_ms >= 0
         assert batcher.images_per_second() > 0
         assert batcher.batch_seconds_estimate < 2.0  # moved from the default towards the measured time
+
+    run(scenario())
+
+
+def test_close_finishes_admitted_work_then_refuses_new_work() -> None:
+    async def scenario() -> None:
+        engine = ScriptedEngine()
+        batcher = DynamicBatcher(engine, settings(batch_wait_timeout=5.0))
+        batcher.start()
+        admitted = asyncio.create_task(batcher.submit(images("a", "b"), "p"))
+        await wait_until(lambda: batcher.queued == 2)
+        # Closing does not wait out batch_wait_timeout: the partial batch goes at once.
+        await batcher.close(timeout_s=30)
+        assert [outcome.result.text for outcome in await admitted] == ["p:a", "p:b"]
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(images("c"), "p")
+
+    run(scenario())
+
+
+def test_close_that_gives_up_answers_every_waiting_image() -> None:
+    async def scenario() -> None:
+        engine = ScriptedEngine(hold_generate=True)
+        batcher = DynamicBatcher(engine, settings(max_concurrent_generations=1))
+        batcher.start()
+        stuck = asyncio.create_task(batcher.submit(images("s"), "p"))
+        await wait_until(engine.generate_started.is_set)
+        waiting = asyncio.create_task(batcher.submit(images("w"), "p"))
+        await wait_until(lambda: batcher.queued == 1)
+        await batcher.close(timeout_s=0.1)
+        engine.release.set()
+        for task in (stuck, waiting):
+            with pytest.raises(BatcherClosed):
+                await task
 
     run(scenario())
