@@ -153,10 +153,12 @@ class DynamicBatcher:
         self.batch_seconds_estimate = settings.gen_time_default_est
         self.stats = BatcherStats()
         self.generating = False
+        self._started_at = clock()
 
     # ----- public API -----
 
     def start(self) -> None:
+        self._started_at = self._clock()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._collect_loop(), name="batch-collector"),
@@ -230,7 +232,8 @@ class DynamicBatcher:
         recent = self.stats.recent
         if not recent:
             return 0.0
-        span = max(now - recent[0][0], 1.0)
+        # Over the whole window (or the time since start when shorter), idle time included.
+        span = max(now - max(now - self.THROUGHPUT_WINDOW_S, self._started_at), 1.0)
         return sum(count for _, count in recent) / span
 
     # ----- collector: forms batches -----
