@@ -386,7 +386,10 @@ def decide(inputs: TickInputs, state: ThrottleState, settings: ThrottleSettings)
     elif (
         new.paused
         and new.pause_kind == PAUSE_FAILURES
-        and (now - (new.paused_since or now) < settings.pause_min_s or verdict == "broken")
+        and (
+            now - (now if new.paused_since is None else new.paused_since) < settings.pause_min_s
+            or verdict == "broken"
+        )
     ):
         # runs that were in flight at the pause may still be failing: the window must clear first
         pause(PAUSE_FAILURES, reason if verdict == "broken" else new.pause_reason or "failure ratio")
