@@ -152,6 +152,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.complete or not args.require_complete else 1
 
 
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imgpipe_dagster.demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgpipe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -180,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", action="append", help="limit to these shards (repeatable)")
     p.add_argument("--require-complete", action="store_true", help="exit 1 while URLs are still unfinished")
 
+    p = sub.add_parser("demo", help="the main job end to end on embedded defaults (README command one)")
+    p.add_argument("--image-port", type=int, default=8765, help="port of the local sample image server")
+    p.add_argument("--shard-size", type=int, default=40, help="URLs per shard of the sample corpus")
+    p.add_argument("--keep-servers", action="store_true", help="leave the GPU servers warm afterwards")
+
     for extend in EXTENSIONS:
         extend(sub)
     return parser
@@ -187,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Other modules add their subcommands here (kept in one list so `imgpipe --help` shows them all).
 EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+from imgpipe_dagster import metrics, status  # noqa: E402 - their subcommands need EXTENSIONS above
+
+EXTENSIONS += [status.add_parser, metrics.add_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,7 @@ _RESULT_INSERT_COLUMNS = ("url_hash", "url", "shard_id", "status", "attempts", "
                           "run_id", *RESULT_COLUMNS)  # fmt: skip
 
 # One statement: leave our lease, then upsert the result rows of the URLs that reached a final state.
+# The UPDATE returns the staged columns itself, so no second join against the staging table is needed.
 _APPLY_OUTCOMES = f"""
 WITH owned AS (
     UPDATE corpus_urls c
@@ -86,15 +87,15 @@ WITH owned AS (
            updated_at = now()
       FROM staging_outcomes s
      WHERE c.url_hash = s.url_hash AND c.state = 'leased' AND c.lease_owner = %(owner)s
- RETURNING c.url_hash
+ RETURNING s.*
 ), written AS (
     INSERT INTO url_analysis_results ({", ".join(_RESULT_INSERT_COLUMNS)})
-    SELECT s.url_hash, s.url, s.shard_id,
-           CASE WHEN s.new_state = 'done' THEN 'ok' ELSE 'failed' END,
-           s.attempts, s.error_class, s.error_message, %(owner)s,
-           {", ".join("s." + c for c in RESULT_COLUMNS)}
-      FROM staging_outcomes s JOIN owned o ON o.url_hash = s.url_hash
-     WHERE s.new_state IN ('done', 'failed_permanent')
+    SELECT o.url_hash, o.url, o.shard_id,
+           CASE WHEN o.new_state = 'done' THEN 'ok' ELSE 'failed' END,
+           o.attempts, o.error_class, o.error_message, %(owner)s,
+           {", ".join("o." + c for c in RESULT_COLUMNS)}
+      FROM owned o
+     WHERE o.new_state IN ('done', 'failed_permanent')
     ON CONFLICT (url_hash) DO UPDATE SET
            {", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:] if c != "url_hash")},
            created_at = now()
