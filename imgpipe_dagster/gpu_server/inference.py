@@ -209,6 +209,7 @@ class InferenceEngine:
         self._prompt_ids: dict[str, tuple[list[int], list[int]]] = {}
         self._prompt_lock = threading.Lock()
         self._generate_calls = 0
+        self.last_batch: dict[str, Any] = {}
         self._decode_pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
 
         self.backend = self._choose_backend()
@@ -287,17 +288,24 @@ class InferenceEngine:
         results: list[ImageResult | None] = [None] * batch.size
         for index, why in batch.errors.items():
             results[index] = ImageResult("", None, False, 0, 0, error=why)
+        started = time.perf_counter()
         if batch.rows:
             for row, result in enumerate(self._generate_rows(batch)):
                 results[batch.valid[row]] = result
         self._generate_calls += 1
+        elapsed = time.perf_counter() - started
+        self.last_batch = {"rows": batch.rows, "generate_s": round(elapsed, 4), "prepare_s": round(batch.prepare_s, 4)}
+        if self._fast is not None:
+            self.last_batch.update(self._fast.last_timings)
+        log.info("batch %s", self.last_batch)
         every = self.settings.clear_cache_every_n_requests
         if every and self._torch_device.type == "cuda" and self._generate_calls % every == 0:
             torch.cuda.empty_cache()
         return [r if r is not None else ImageResult("", None, False, 0, 0, error="not run") for r in results]
 
     def memory_stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "backend": self.backend}
+        stats: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "backend": self.backend,
+                                 "last_batch": dict(self.last_batch)}
         if self._torch_device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self._torch_device)
             stats.update(

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +97,53 @@ def _vision_block(x, cos, sin, n1w, n1b, wqkv, bqkv, wproj, bproj, n2w, n2b, w1,
     return x + F.linear(act(F.linear(h, w1, b1)), w2, b2)
 
 
+class _CompiledOrEager:
+    """torch.compile'd function that falls back to eager for good if compiling fails: compilation
+    is an optimisation, and a server must keep serving on a platform where it breaks."""
+
+    def __init__(self, fn):
+        self.eager = fn
+        self.compiled = torch.compile(fn, dynamic=False)
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception:
+                log.exception("torch.compile of %s failed; running it eagerly", self.eager.__name__)
+                self.failed = True
+        return self.eager(*args)
+
+
+class _StageClock:
+    """Seconds per named stage; CUDA events on a GPU, so timing adds no synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object]] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.spans.append((name, start, end))
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, start, end in self.spans:
+            seconds = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+            out[f"{name}_s"] = round(out.get(f"{name}_s", 0.0) + seconds, 4)
+        return out
+
+
 @dataclass
 class _DecodeState:
     """Static buffers of one (rows, cache length) shape; a CUDA graph replays over them."""
@@ -158,10 +207,10 @@ class FastQwenVL:
         self._attn_out_mlp = _attn_out_mlp
         self._vision_block = _vision_block
         if settings.compile_language:
-            self._attn_in = torch.compile(_attn_in, dynamic=False)
-            self._attn_out_mlp = torch.compile(_attn_out_mlp, dynamic=False)
+            self._attn_in = _CompiledOrEager(_attn_in)
+            self._attn_out_mlp = _CompiledOrEager(_attn_out_mlp)
         if settings.compile_vision and self.fast_vision:
-            self._vision_block = torch.compile(_vision_block, dynamic=False)
+            self._vision_block = _CompiledOrEager(_vision_block)
         if settings.compile_language or settings.compile_vision:
             import torch._dynamo as dynamo
 
@@ -171,6 +220,7 @@ class FastQwenVL:
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
         self._graph_pool = None
         self._rope_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_timings: dict = {}
 
     # ------------------------------------------------------------ weights
 
@@ -429,10 +479,13 @@ class FastQwenVL:
 
         chunk = max(1, self.settings.chunk_size)
         first = torch.empty(rows, dtype=torch.long, device=dev)
+        clock = _StageClock(dev)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
-            feats = self._vision_features(batch.images[r0:r1])
-            hidden = self._prefill_chunk(state, r0, ids_all[r0:r1], mask_all[r0:r1], pos_all[:, r0:r1], feats)
+            with clock("vision"):
+                feats = self._vision_features(batch.images[r0:r1])
+            with clock("prefill"):
+                hidden = self._prefill_chunk(state, r0, ids_all[r0:r1], mask_all[r0:r1], pos_all[:, r0:r1], feats)
             not_done = torch.zeros(r1 - r0, dtype=torch.bool, device=dev)
             first[r0:r1] = self._pick(self._logits(hidden), not_done, state.min_new, 0)
         state.tokens.zero_()
@@ -441,37 +494,52 @@ class FastQwenVL:
         state.finished[:rows] = self._end_mask[first]
 
         steps = max_new - 1
-        if steps > 0:
-            if self.use_graphs:
-                self._run_graph(state, steps, min_new, rows)
-            else:
-                for k in range(steps):
-                    self._decode_step(state)
-                    if k >= min_new and k % 16 == 15 and bool(state.finished[:rows].all()):
-                        break
-        return state.out[:rows].cpu()
+        with clock("decode"):
+            if steps > 0:
+                if self.use_graphs:
+                    self._run_graph(state, steps, min_new, rows)
+                else:
+                    for k in range(steps):
+                        self._decode_step(state)
+                        if k >= min_new and k % 16 == 15 and bool(state.finished[:rows].all()):
+                            break
+        tokens = state.out[:rows].cpu()
+        self.last_timings = dict(clock.totals(), rows=rows, decode_rows=decode_rows, slots=slots)
+        return tokens
 
     def _run_graph(self, state: _DecodeState, steps: int, min_new: int, rows: int) -> None:
         if state.graph is None:
             saved = (state.tokens.clone(), state.out.clone(), state.finished.clone())
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: compiles, and lets cuBLAS pick its kernels outside capture
-                    self._decode_step(state)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._decode_step(state)
-            state.graph = graph
+            try:
+                state.graph = self._capture(state)
+            except Exception:
+                # A step that cannot be captured still runs eagerly (slower, launch-bound).
+                log.exception("CUDA graph capture of the decode step failed; decoding eagerly")
+                self.use_graphs = False
             state.step.zero_()
             state.tokens.copy_(saved[0])
             state.out.copy_(saved[1])
             state.finished.copy_(saved[2])
         rows_done = state.finished[:rows]
         for k in range(steps):
-            state.graph.replay()
+            if state.graph is not None:
+                state.graph.replay()
+            else:
+                self._decode_step(state)
             if k >= min_new and k % 16 == 15 and bool(rows_done.all()):
                 break
+
+    def _capture(self, state: _DecodeState):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: compiles, and lets cuBLAS pick its kernels outside capture
+                self._decode_step(state)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: /health may query CUDA memory from another thread while we capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            self._decode_step(state)
+        return graph
