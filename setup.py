@@ -14,7 +14,8 @@ class BuildWithResources(build_py):
         target = Path(self.build_lib) / "imgpipe_dagster" / "_resources"
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
-        # the instance files live at the top level of a checkout; the wheel carries copies
+        # profiles/ and the instance files live at the top level of a checkout; the wheel carries copies
+        shutil.copytree(Path(__file__).parent / "profiles", target / "profiles", dirs_exist_ok=True)
         (target / "instance").mkdir(parents=True, exist_ok=True)
         for name in ("dagster.yaml", "workspace.yaml"):
             shutil.copyfile(Path(__file__).parent / name, target / "instance" / name)
