@@ -81,8 +81,9 @@ def target_size(width: int, height: int, target_pixels: int, multiple: int) -> t
     """
     if width * height > target_pixels:
         scale = math.sqrt(target_pixels / (width * height))
-        new_w = max(multiple, math.floor(width * scale / multiple) * multiple)
-        new_h = max(multiple, math.floor(height * scale / multiple) * multiple)
+        # the epsilon keeps exact fits (2400 px × 0.18666… = 448) from flooring a whole patch away
+        new_w = max(multiple, math.floor(width * scale / multiple + 1e-9) * multiple)
+        new_h = max(multiple, math.floor(height * scale / multiple + 1e-9) * multiple)
     else:
         new_w = max(multiple, round(width / multiple) * multiple)
         new_h = max(multiple, round(height / multiple) * multiple)

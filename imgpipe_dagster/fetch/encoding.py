@@ -19,6 +19,9 @@ BOMB_RATIO = 100
 
 ACCEPT_ENCODING = "gzip, deflate, br"
 
+# encoded input is decoded this many bytes at a time (at most ~4 MiB of zlib output per slice)
+_SLICE_BYTES = 4096
+
 
 class _Identity:
     def feed(self, data: bytes, limit: int) -> bytes:
@@ -115,12 +118,21 @@ class BoundedBodyDecoder:
         self.decoded_bytes = 0
 
     def feed(self, raw: bytes) -> bytes:
-        self.raw_bytes += len(raw)
-        data = raw
-        for layer in self._layers:
-            data = layer.feed(data, self._max_bytes - self.decoded_bytes)
-        self._count(data)
-        return data
+        if not self.encoded:
+            self.raw_bytes += len(raw)
+            self._count(raw)
+            return raw
+        # small slices, so that when the cap is passed raw_bytes counts (nearly) only the input that
+        # produced the output, and the expansion ratio tells a bomb from a merely large body
+        out = bytearray()
+        for start in range(0, len(raw), _SLICE_BYTES):
+            piece = raw[start : start + _SLICE_BYTES]
+            self.raw_bytes += len(piece)
+            for layer in self._layers:
+                piece = layer.feed(piece, self._max_bytes - self.decoded_bytes)
+            self._count(piece)
+            out += piece
+        return bytes(out)
 
     def flush(self) -> bytes:
         data = b""

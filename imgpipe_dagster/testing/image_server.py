@@ -37,6 +37,7 @@ path                                        behaviour → expected class
 ==========================================  ============================================================
 /fault/slow-headers?delay=30                accepts, sends nothing for ``delay`` s → READ_TIMEOUT
 /fault/trickle?interval=0.1                 a real JPEG, one byte every ``interval`` s → DEADLINE
+/fault/trickle-headers?interval=0.1         endless headers, one byte every ``interval`` s → DEADLINE
 /fault/reset                                half the body, then a TCP reset → RESET
 /fault/close-early                          half the body, then a clean close → RESET
 /fault/truncated-jpeg                       complete response of a JPEG cut at 60 % → UNDECODABLE
@@ -55,6 +56,7 @@ path                                        behaviour → expected class
 /fault/status/<code>[?retry_after=S]        that status (429 → HTTP_429, 5xx → HTTP_5XX, 404, 410, other 4xx)
 /fault/noai, /fault/noimageai               a real JPEG with X-Robots-Tag: noai / noimageai → OPTED_OUT
 /fault/gzip-ok, /fault/br-ok                a real JPEG behind gzip / br Content-Encoding → ok
+/fault/png-as-jpeg                          a real PNG labelled image/jpeg → ok, format PNG
 ==========================================  ============================================================
 
 Faults that are not paths: ``server.connect_timeout_url`` (a listener whose accept queue is full:
@@ -78,7 +80,7 @@ import time
 import urllib.parse
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -153,6 +155,53 @@ def fault_test_settings(**overrides) -> FetchSettings:
     return replace(settings, **overrides) if overrides else settings
 
 
+# (kind, path, expected class under fault_test_settings()) of every fault served under /fault/
+_PATH_FAULTS: list[tuple[str, str, ErrorClass]] = [
+    ("slow-headers", "/fault/slow-headers?delay=30", ErrorClass.READ_TIMEOUT),
+    ("trickle", "/fault/trickle?interval=0.1", ErrorClass.DEADLINE),
+    ("trickle-headers", "/fault/trickle-headers?interval=0.1", ErrorClass.DEADLINE),
+    ("reset", "/fault/reset", ErrorClass.RESET),
+    ("close-early", "/fault/close-early", ErrorClass.RESET),
+    ("truncated-jpeg", "/fault/truncated-jpeg", ErrorClass.UNDECODABLE),
+    ("corrupt-jpeg", "/fault/corrupt-jpeg", ErrorClass.UNDECODABLE),
+    ("html-as-jpeg", "/fault/html-as-jpeg", ErrorClass.NOT_AN_IMAGE),
+    ("empty", "/fault/empty", ErrorClass.NOT_AN_IMAGE),
+    ("huge-100mp", "/fault/huge-100mp", ErrorClass.TOO_LARGE),
+    ("png-bomb", "/fault/png-bomb", ErrorClass.DECOMPRESSION_BOMB),
+    ("png-bomb-64mp", "/fault/png-bomb?side=8000", ErrorClass.DECOMPRESSION_BOMB),
+    ("gzip-bomb", "/fault/gzip-bomb", ErrorClass.DECOMPRESSION_BOMB),
+    ("brotli-bomb", "/fault/brotli-bomb", ErrorClass.DECOMPRESSION_BOMB),
+    ("endless", "/fault/endless", ErrorClass.TOO_LARGE),
+    ("declared-huge", "/fault/declared-huge", ErrorClass.TOO_LARGE),
+    ("redirect-chain-6", "/fault/redirect-chain?hops=6", ErrorClass.TOO_MANY_REDIRECTS),
+    ("redirect-loop", "/fault/redirect-loop", ErrorClass.TOO_MANY_REDIRECTS),
+    ("redirect-private", "/fault/redirect-to?url=http://10.0.0.1/", ErrorClass.BLOCKED_ADDRESS),
+    (
+        "redirect-metadata",
+        "/fault/redirect-to?url=http://169.254.169.254/latest/meta-data/",
+        ErrorClass.BLOCKED_ADDRESS,
+    ),
+    ("status-429", "/fault/status/429?retry_after=7", ErrorClass.HTTP_429),
+    ("status-503", "/fault/status/503?retry_after=3", ErrorClass.HTTP_5XX),
+    ("status-500", "/fault/status/500", ErrorClass.HTTP_5XX),
+    ("status-404", "/fault/status/404", ErrorClass.HTTP_404),
+    ("status-410", "/fault/status/410", ErrorClass.HTTP_410),
+    ("status-403", "/fault/status/403", ErrorClass.HTTP_4XX),
+    ("noai", "/fault/noai", ErrorClass.OPTED_OUT),
+    ("noimageai", "/fault/noimageai", ErrorClass.OPTED_OUT),
+]
+# faults that are not paths of this server (see ImageServer.fault_cases)
+_OTHER_FAULT_KINDS = (
+    "connect-timeout",
+    "connect-refused",
+    "dns-failure",
+    "invalid-url",
+    "metadata-direct",
+    "ipv6-loopback",
+)
+FAULT_KINDS: tuple[str, ...] = tuple(kind for kind, _path, _expected in _PATH_FAULTS) + _OTHER_FAULT_KINDS
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -180,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.server.owner._track(self.connection, add=True)
+        self.server.owner.connections_opened += 1
 
     def finish(self) -> None:
         try:
@@ -192,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
         path = parts.path
-        owner._request_started(self.headers.get("Host", ""), self.path)
+        owner._request_started(self.headers.get("Host", ""), self.path, self.headers.get("User-Agent", ""))
         try:
             if path.startswith("/img/"):
                 self._photo(path[len("/img/") :], query)
@@ -281,6 +331,15 @@ class _Handler(BaseHTTPRequestHandler):
             if self._stopped(interval):
                 return
 
+    def _fault_trickle_headers(self, query: dict[str, str]) -> None:
+        interval = float(query.get("interval", "0.1"))
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" + b"X-Padding: slowloris\r\n" * 200
+        self.close_connection = True
+        for index in range(len(head)):
+            self.wfile.write(head[index : index + 1])
+            if self._stopped(interval):
+                return
+
     def _half_then(self, reset: bool) -> None:
         body = self.server.owner.photo_bytes("chelsea", "JPEG", None, "")
         self.send_response(200)
@@ -312,6 +371,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _fault_html_as_jpeg(self, query: dict[str, str]) -> None:
         page = b"<!DOCTYPE html><html><head><title>Not found</title></head><body>Sorry.</body></html>"
         self._send(200, page * 20, "image/jpeg")
+
+    def _fault_png_as_jpeg(self, query: dict[str, str]) -> None:
+        body = self.server.owner.photo_bytes("rocket", "PNG", None, "")
+        self._send(200, body, "image/jpeg")
 
     def _fault_empty(self, query: dict[str, str]) -> None:
         self._send(200, b"", "image/jpeg")
@@ -414,9 +477,11 @@ class ImageServer:
         self._requested_port = port
         self.photos = {p.stem: p for p in photo_dir().iterdir() if p.suffix.lower() in (".jpg", ".png")}
         self.requests = 0  # requests received
+        self.connections_opened = 0  # TCP connections accepted (keep-alive reuse keeps this low)
         self.in_flight = 0  # requests being answered now
         self.max_in_flight = 0  # most requests answered at once since start (or reset_counters)
         self.recent = collections.deque(maxlen=1000)  # (Host header, path?query) of the latest requests
+        self.user_agents = collections.deque(maxlen=1000)  # User-Agent headers of the latest requests
         self._counter_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: _Server | None = None
@@ -469,8 +534,9 @@ class ImageServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _request_started(self, host: str, path: str) -> None:
+    def _request_started(self, host: str, path: str, user_agent: str) -> None:
         with self._counter_lock:
+            self.user_agents.append(user_agent)
             self.requests += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -483,6 +549,7 @@ class ImageServer:
     def reset_counters(self) -> None:
         with self._counter_lock:
             self.requests = 0
+            self.connections_opened = 0
             self.max_in_flight = self.in_flight
             self.recent.clear()
 
@@ -563,47 +630,15 @@ class ImageServer:
             FaultCase("big-jpeg", self.image_url("retina", "jpg", width=2400), None),
             FaultCase("redirect-chain-5", self.url("/fault/redirect-chain?hops=5"), None),
             FaultCase("gzip-ok", self.url("/fault/gzip-ok"), None),
+            FaultCase("png-as-jpeg", self.url("/fault/png-as-jpeg"), None),
             FaultCase("br-ok", self.url("/fault/br-ok"), None),
         ]
         return cases
 
     def fault_cases(self) -> list[FaultCase]:
         """Every fault this server offers, with the class it must end in under fault_test_settings()."""
+        cases = [FaultCase(kind, self.url(path), expected) for kind, path, expected in _PATH_FAULTS]
         E = ErrorClass
-        table = [
-            ("slow-headers", "/fault/slow-headers?delay=30", E.READ_TIMEOUT),
-            ("trickle", "/fault/trickle?interval=0.1", E.DEADLINE),
-            ("reset", "/fault/reset", E.RESET),
-            ("close-early", "/fault/close-early", E.RESET),
-            ("truncated-jpeg", "/fault/truncated-jpeg", E.UNDECODABLE),
-            ("corrupt-jpeg", "/fault/corrupt-jpeg", E.UNDECODABLE),
-            ("html-as-jpeg", "/fault/html-as-jpeg", E.NOT_AN_IMAGE),
-            ("empty", "/fault/empty", E.NOT_AN_IMAGE),
-            ("huge-100mp", "/fault/huge-100mp", E.TOO_LARGE),
-            ("png-bomb", "/fault/png-bomb", E.DECOMPRESSION_BOMB),
-            ("png-bomb-64mp", "/fault/png-bomb?side=8000", E.DECOMPRESSION_BOMB),
-            ("gzip-bomb", "/fault/gzip-bomb", E.DECOMPRESSION_BOMB),
-            ("brotli-bomb", "/fault/brotli-bomb", E.DECOMPRESSION_BOMB),
-            ("endless", "/fault/endless", E.TOO_LARGE),
-            ("declared-huge", "/fault/declared-huge", E.TOO_LARGE),
-            ("redirect-chain-6", "/fault/redirect-chain?hops=6", E.TOO_MANY_REDIRECTS),
-            ("redirect-loop", "/fault/redirect-loop", E.TOO_MANY_REDIRECTS),
-            ("redirect-private", "/fault/redirect-to?url=http://10.0.0.1/", E.BLOCKED_ADDRESS),
-            (
-                "redirect-metadata",
-                "/fault/redirect-to?url=http://169.254.169.254/latest/meta-data/",
-                E.BLOCKED_ADDRESS,
-            ),
-            ("status-429", "/fault/status/429?retry_after=7", E.HTTP_429),
-            ("status-503", "/fault/status/503?retry_after=3", E.HTTP_5XX),
-            ("status-500", "/fault/status/500", E.HTTP_5XX),
-            ("status-404", "/fault/status/404", E.HTTP_404),
-            ("status-410", "/fault/status/410", E.HTTP_410),
-            ("status-403", "/fault/status/403", E.HTTP_4XX),
-            ("noai", "/fault/noai", E.OPTED_OUT),
-            ("noimageai", "/fault/noimageai", E.OPTED_OUT),
-        ]
-        cases = [FaultCase(kind, self.url(path), expected) for kind, path, expected in table]
         cases += [
             FaultCase("connect-timeout", self.connect_timeout_url, E.CONNECT_TIMEOUT),
             FaultCase("connect-refused", self.refused_url, E.CONNECT_REFUSED),
@@ -642,6 +677,17 @@ class ImageServer:
             for i, (name, fmt, width) in zip(range(count), itertools.cycle(sizes), strict=False)
         ]
 
+    def prerender(self, urls: Iterable[str]) -> None:
+        """Render the photos behind these /img/ URLs now, so requests for them are answered at once."""
+        for url in urls:
+            parts = urllib.parse.urlsplit(url)
+            if not parts.path.startswith("/img/"):
+                continue
+            name, _, ext = parts.path[len("/img/") :].rpartition(".")
+            query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
+            width = int(query["w"]) if "w" in query else None
+            self.photo_bytes(name, _FORMATS[ext], width, query.get("variant", ""))
+
     def warm(self) -> ImageServer:
         """Build every payload that good_cases() and fault_cases() use, so no request waits on a build."""
         for name, fmt, width, variant in (
@@ -653,13 +699,7 @@ class ImageServer:
             ("rocket", "JPEG", None, ""),
         ):
             self.photo_bytes(name, fmt, width, variant)
-        for case in self.good_cases():
-            parts = urllib.parse.urlsplit(case.url)
-            if parts.path.startswith("/img/"):
-                name, _, ext = parts.path[len("/img/") :].rpartition(".")
-                query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
-                width = int(query["w"]) if "w" in query else None
-                self.photo_bytes(name, _FORMATS[ext], width, query.get("variant", ""))
+        self.prerender(case.url for case in self.good_cases())
         self.huge_jpeg()
         self.png_bomb(50_000)
         self.png_bomb(8_000)
