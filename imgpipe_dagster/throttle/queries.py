@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from imgpipe_dagster.throttle.decide import TIMEOUT_CLASSES, Backlog, Decision, WindowStats
 
 # Unfinished URLs are counted up to this many per tick (the exact count is progress_report's job).
-URLS_UNFINISHED_CAP = 1_000_000
+URLS_UNFINISHED_CAP = 200_000
 
 _WINDOW = """
 WITH recent AS (

@@ -1,0 +1,21 @@
+"""Code location for the daemon test: the analysis asset and jobs, and the throttle sensor running
+by default with a short window (the real definitions.py also holds url_corpus and the report)."""
+
+from dagster import DefaultSensorStatus, Definitions
+
+from imgpipe_dagster.assets.analysis import image_analysis
+from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
+from imgpipe_dagster.sensors.jobs import ANALYSIS_JOBS
+from imgpipe_dagster.sensors.throttle import build_throttle_sensor
+from imgpipe_dagster.throttle import ThrottleSettings
+
+throttle = build_throttle_sensor(
+    ThrottleSettings.from_env(start_profile="conservative"), default_status=DefaultSensorStatus.RUNNING
+)
+
+defs = Definitions(
+    assets=[image_analysis],
+    jobs=list(ANALYSIS_JOBS.values()),
+    sensors=[throttle],
+    resources={"postgres": PostgresResource(), "gpu_model": GpuModelResource(), "fetcher": FetcherResource()},
+)

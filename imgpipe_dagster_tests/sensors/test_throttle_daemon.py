@@ -1,0 +1,120 @@
+"""A real `dagster-daemon` drives two shards to completion through the throttle sensor alone.
+
+Everything is real and on loopback: the test Postgres (project + Dagster storage), the image
+server, the daemon process (sensor daemon, run queue, run workers as subprocesses) and a managed
+GPU server on the CPU with the tiny random model, started by the first run. Nobody launches a run:
+the test only ingests a corpus and waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from imgpipe_dagster.store import database as db
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEADLINE_S = 200
+
+
+@pytest.fixture
+def dagster_home(tmp_path, dagster_database_url):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    config = {
+        "storage": {"postgres": {"postgres_url": db.sqlalchemy_url(dagster_database_url)}},
+        "concurrency": {"runs": {"max_concurrent_runs": 4}},
+        "run_monitoring": {"enabled": False},
+        "sensors": {"use_threads": True, "num_workers": 2},
+        "telemetry": {"enabled": False},
+        "nux": {"enabled": False},
+    }
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    (home / "workspace.yaml").write_text(yaml.safe_dump({"load_from": [{"python_module": {
+        "module_name": "imgpipe_dagster_tests.sensors.daemon_defs", "working_directory": str(REPO_ROOT)}}]}))  # fmt: skip
+    return home
+
+
+@pytest.mark.slow
+def test_the_throttle_alone_drives_two_shards_to_completion(
+    dagster_home, database_url, conn, imgpipe_home, image_server, tmp_path, monkeypatch
+):
+    from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
+    from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+    from imgpipe_dagster.testing.image_server import photo_names
+
+    corpus = tmp_path / "corpus.csv"
+    names = photo_names()[:2]
+    urls = [image_server.image_url(name, ext, width=64) for name in names for ext in ("jpg", "png")]
+    corpus.write_text("url\n" + "\n".join(urls) + "\n")
+    report = ingest_files(conn, [corpus], shard_size=2)
+    assert len(report.shards_added) == 2
+
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        db.DATABASE_URL_ENV: database_url,
+        "IMGPIPE_HOME": str(imgpipe_home),
+        "IMGPIPE_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "IMGPIPE_GPU_DEVICES": "cpu",
+    }
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    instance = DagsterInstance.get()
+    sync_shard_partitions(instance, conn)
+    shards = list(report.shards_added)
+
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(dagster_home / "workspace.yaml")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        finished = False
+        while time.monotonic() < deadline and daemon.poll() is None:
+            states = dict(conn.execute(
+                "SELECT state::text, count(*) FROM corpus_urls GROUP BY 1").fetchall())  # fmt: skip
+            conn.commit()
+            runs = instance.get_runs(RunsFilter(tags={"imgpipe/source": "throttle"}))
+            if (
+                set(states) <= {"done", "failed_permanent"}
+                and runs
+                and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+                and {r.tags.get("dagster/partition") for r in runs} >= set(shards)
+            ):
+                finished = True
+                break
+            time.sleep(3)
+        runs = instance.get_runs(RunsFilter(tags={"imgpipe/source": "throttle"}))
+        assert finished, (
+            f"not finished in {DEADLINE_S}s: states {states}, runs "
+            f"{[(r.tags.get('dagster/partition'), r.status.value) for r in runs]}"
+        )
+        assert {r.tags["dagster/partition"] for r in runs} == set(shards)
+        assert all(
+            r.tags["imgpipe/kind"] == "shard_run" and r.job_name == "analyze_conservative" for r in runs
+        )
+        assert len(instance.get_runs()) == len(runs)  # every run came from the throttle
+        done = conn.execute("SELECT count(*) FROM url_analysis_results WHERE status = 'ok'").fetchone()[0]
+        assert done == len(urls)
+        decisions = [row[0] for row in conn.execute(
+            "SELECT action FROM throttle_decisions ORDER BY decision_id").fetchall()]  # fmt: skip
+        assert decisions[0] == "submit"
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        GpuServerLauncher(imgpipe_home / "gpu-servers").stop()
+        if daemon.stdout is not None:
+            tail = daemon.stdout.read().decode(errors="replace")[-3000:]
+            print(tail)
