@@ -27,12 +27,12 @@ else
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/logs/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ARCHS=(qwen2-vl-2b qwen2-vl-7b); DEVICE=cuda:0
   declare -A BASE_BATCH=([qwen2-vl-2b]=512 [qwen2-vl-7b]=192)
-  declare -A OUR_BATCH=([qwen2-vl-2b]=512 [qwen2-vl-7b]=384)
-  declare -A OUR_LIMIT=([qwen2-vl-2b]=160 [qwen2-vl-7b]=150)
-  declare -A BASE_LIMIT=([qwen2-vl-2b]=115 [qwen2-vl-7b]=105)
+  declare -A OUR_BATCH=([qwen2-vl-2b]=512,1024 [qwen2-vl-7b]=384)
+  declare -A OUR_LIMIT=([qwen2-vl-2b]=190 [qwen2-vl-7b]=110)
+  declare -A BASE_LIMIT=([qwen2-vl-2b]=100 [qwen2-vl-7b]=95)
   baseline() {
     (cd shared_bench && timeout "${BASE_LIMIT[$ARCH]}" $PY vlm_static.py "${BASE_BATCH[$ARCH]}" "$ARCH") \
       > "$OUT/logs/baseline_$ARCH.log" 2>&1
@@ -40,7 +40,7 @@ else
   }
   ours() {
     timeout "${OUR_LIMIT[$ARCH]}" $PY bench/gpu_server.py --arch "$ARCH" --device "$DEVICE" \
-      --batch-sizes "${OUR_BATCH[$ARCH]}" --measure-batches 3 --warmup-batches 2 --clients 48 --request-images 32 \
+      --batch-sizes "${OUR_BATCH[$ARCH]}" --measure-batches 3 --warmup-batches 2 --clients 96 --request-images 32 \
       --engine-option compile_vision=true --engine-option compile_language=true --engine-option chunk_size=128 \
       --baseline "$RESULTS" --out "$RESULTS" --log-dir "$OUT/logs" > "$OUT/logs/ours_$ARCH.log" 2>&1
     echo "ours $ARCH exit $?"
@@ -55,7 +55,7 @@ for ARCH in "${ARCHS[@]}"; do
   echo "[$(( $(date +%s) - START )) s] $ARCH done"
 done
 # Correctness at the real architecture, if time is left: fast backend vs transformers (bf16).
-LEFT=$(( ${TOTAL_LIMIT:-525} - ($(date +%s) - START) ))
+LEFT=$(( ${TOTAL_LIMIT:-480} - ($(date +%s) - START) ))
 if (( LEFT > 25 )); then
   CHECK_DEVICE=${DEVICE}; CHECK_ARCH=${ARCHS[0]}
   timeout $(( LEFT < 45 ? LEFT : 45 )) $PY bench/gpu_check.py --arch "$CHECK_ARCH" --device "$CHECK_DEVICE" \
@@ -67,7 +67,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 for r in rows:
     if r.get("event") in ("static", "gen", "server_bench", "server_bench_failed", "env", "oom", "server_ready", "server_warm", "built", "gpu_check"):
         keep = {k: r.get(k) for k in ("event", "arch", "batch", "run", "img_per_s", "baseline_img_per_s",
-                                      "ratio", "total_s", "wall_s", "gpu", "error", "load_s", "warmup_s",
+                                      "ratio", "total_s", "wall_s", "gpu", "error", "load_s", "all_in_img_per_s", "images",
                                       "prefill_logits_rel_err", "tokens_equal_share", "first_token_equal")}
         print(json.dumps({k: v for k, v in keep.items() if v is not None}))
 EOF

@@ -1,9 +1,11 @@
 """Images/s through the GPU server's HTTP API, with concurrent clients.
 
 Starts ``python -m imgpipe_dagster.gpu_server`` on a random-weights architecture (or the tiny model
-on a CPU), warms it up (first batches compile and capture), then sends --images images of
---side x --side pixels from --clients concurrent clients in requests of --request-images, and
-prints one JSON line per batch size. Exactly --new-tokens tokens are generated per image
+on a CPU) and loads it continuously from --clients concurrent clients (requests of --request-images
+images of --side x --side pixels). img_per_s is the steady state: images answered between the end
+of --warmup-batches batches (the first compiles and captures) and --measure-batches batches later,
+while the queue stays full (a tail of two more batches is sent after the window); all_in_img_per_s
+counts everything from the first request, compilation included. One JSON line per batch size. Exactly --new-tokens tokens are generated per image
 (min_new_tokens = max_new_tokens), as in the reference baseline (shared/bench).
 
     python bench/gpu_server.py --arch qwen2-vl-2b --device cuda:0 --batch-sizes 512 \\
@@ -88,6 +90,7 @@ def start_server(args, model: Path, random_weights: bool, batch: int, port: int,
         "--max-concurrent-generations", "3",
         "--max-new-tokens", str(args.new_tokens),
         "--clear-cache-every-n-requests", "0",
+        "--enable-memory-defrag", "false",
         "--engine-option", f"min_new_tokens={args.new_tokens}",
         "--engine-option", f"max_pixels={args.side * args.side}",
     ]
@@ -98,7 +101,19 @@ def start_server(args, model: Path, random_weights: bool, batch: int, port: int,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     log_file = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    _SERVERS.append(proc)
     return proc, log_file
+
+
+_SERVERS: list[subprocess.Popen] = []
+
+
+def _stop_servers_and_exit(signum, frame) -> None:
+    """`timeout` sends SIGTERM: take our servers (own process groups) down with us."""
+    for proc in _SERVERS:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    os._exit(128 + signum)
 
 
 async def wait_ready(base: str, proc: subprocess.Popen, limit_s: float) -> dict:
@@ -120,11 +135,16 @@ async def wait_ready(base: str, proc: subprocess.Popen, limit_s: float) -> dict:
 
 
 async def drive(base: str, images: list[bytes], total: int, clients: int, per_request: int, prompt: str):
-    """Send `total` images from `clients` concurrent loops; returns (wall seconds, results, errors)."""
+    """Send `total` images from `clients` concurrent loops without pause.
+
+    Returns (wall seconds, ok, failed, rejected, generated tokens, completions) where completions
+    lists (seconds since start, images answered) per response, for steady-state windows."""
     sent = 0
     ok = failed = rejected = 0
     generated = 0
+    completions: list[tuple[float, int]] = []
     lock = asyncio.Lock()
+    started = time.perf_counter()
 
     async def client_loop(http: httpx.AsyncClient) -> None:
         nonlocal sent, ok, failed, rejected, generated
@@ -148,19 +168,41 @@ async def drive(base: str, images: list[bytes], total: int, clients: int, per_re
             if response.status_code != 200:
                 failed += n
                 continue
+            answered = 0
             for item in response.json()["results"]:
                 if item.get("error"):
                     failed += 1
                 else:
                     ok += 1
+                    answered += 1
                     generated += item.get("generated_tokens", 0)
+            completions.append((time.perf_counter() - started, answered))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900, connect=10), limits=limits) as http:
-        started = time.perf_counter()
         await asyncio.gather(*(client_loop(http) for _ in range(clients)))
-        wall = time.perf_counter() - started
-    return wall, ok, failed, rejected, generated
+    return time.perf_counter() - started, ok, failed, rejected, generated, completions
+
+
+def steady_window(completions: list[tuple[float, int]], skip: int, measure: int) -> tuple[float, int]:
+    """(seconds, images) between the response that completed the first `skip` images and the one
+    that completed `skip + measure`: the server is loaded throughout, with no fill or drain."""
+    done = 0
+    t_start = t_end = None
+    counted = 0
+    for t, n in sorted(completions):
+        done += n
+        if t_start is None:
+            if done >= skip:
+                t_start = t
+            continue
+        counted += n
+        t_end = t
+        if done >= skip + measure:
+            break
+    if t_start is None or t_end is None or t_end <= t_start:
+        return 0.0, 0
+    return t_end - t_start, counted
 
 
 def baseline_figure(path: Path | None, arch: str) -> float | None:
@@ -190,25 +232,28 @@ async def bench_one(args, model: Path, random_weights: bool, batch: int, images:
         health = await wait_ready(base, proc, args.load_timeout)
         load_s = time.perf_counter() - started
         emit(args.out, event="server_ready", arch=args.arch, batch=batch, load_s=round(load_s, 1))
-        warm_total = batch * args.warmup_batches
-        warm_wall, *_ = await drive(base, images, warm_total, args.clients, args.request_images, args.prompt)
-        emit(args.out, event="server_warm", arch=args.arch, batch=batch, warmup_s=round(warm_wall, 1))
-        total = max(args.images, batch * args.measure_batches)
-        wall, ok, failed, rejected, generated = await drive(
+        # One continuous load: warm-up batches (compile, graph capture), measured batches, and a tail
+        # that keeps the queue full until the measured window has closed.
+        warm = batch * args.warmup_batches
+        measure = max(args.images, batch * args.measure_batches)
+        total = warm + measure + 2 * batch
+        wall, ok, failed, rejected, generated, completions = await drive(
             base, images, total, args.clients, args.request_images, args.prompt
         )
+        window_s, window_images = steady_window(completions, warm, measure)
         async with httpx.AsyncClient(timeout=10) as http:
             health = (await http.get(f"{base}/health")).json()
-        img_s = ok / wall if wall > 0 else 0.0
+        img_s = window_images / window_s if window_s > 0 else 0.0
         baseline = baseline_figure(args.baseline, args.arch)
         emit(
             args.out, event="server_bench", arch=args.arch, device=args.device, gpu=gpu_name(args.device),
-            batch=batch, images=total, ok=ok, failed=failed, rejected_429=rejected,
+            batch=batch, images=window_images, sent=total, ok=ok, failed=failed, rejected_429=rejected,
             new_tokens_per_image=round(generated / max(ok, 1), 2), side=args.side,
             clients=args.clients, request_images=args.request_images,
-            wall_s=round(wall, 3), img_per_s=round(img_s, 2),
+            wall_s=round(window_s, 3), img_per_s=round(img_s, 2),
+            all_in_img_per_s=round(ok / wall, 2) if wall > 0 else None, all_in_wall_s=round(wall, 1),
             baseline_img_per_s=baseline, ratio=round(img_s / baseline, 2) if baseline else None,
-            load_s=round(load_s, 1), warmup_s=round(warm_wall, 1),
+            load_s=round(load_s, 1),
             server_mean_batch=health.get("mean_batch_size"), server_gen_ms=health.get("mean_generation_ms"),
             engine=health.get("gpu_memory") or health.get("memory"),
         )
@@ -255,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here too")
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: temp dir)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_servers_and_exit)
     on_gpu = args.device.startswith("cuda")
     args.side = args.side or (448 if on_gpu else 112)
     args.new_tokens = args.new_tokens or (128 if on_gpu else 16)
