@@ -44,8 +44,9 @@ def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         model_path=str(tiny_model_dir),
         max_new_tokens=4,
         bearer_token=TOKEN,
-        max_inference_batch_size=8,
-        batch_wait_timeout=0.5,
+        # Batches of exactly 2 (the wait outlasts any test): batching and a filled queue are deterministic.
+        max_inference_batch_size=2,
+        batch_wait_timeout=30.0,
         max_inference_queue_size=8,
         max_concurrent_generations=1,
     )
@@ -59,12 +60,12 @@ def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_analyze_returns_one_result_per_image_in_order(endpoint: Endpoint) -> None:
     async def scenario() -> list[ImageAnalysis]:
         async with GpuClient(endpoint.url, token=TOKEN) as client:
-            return await client.analyze([jpeg("red"), b"not an image", jpeg("blue")], prompt="analysis_v1")
+            return await client.analyze([jpeg("red"), b"not an image", jpeg("blue"), jpeg("gray")])
 
     results = asyncio.run(scenario())
-    assert [result.ok for result in results] == [True, False, True]
+    assert [result.ok for result in results] == [True, False, True, True]
     assert results[1].error and results[1].generated_tokens == 0
-    for result in (results[0], results[2]):
+    for result in (results[0], results[2], results[3]):
         assert isinstance(result.text, str) and result.generated_tokens > 0 and result.prompt_tokens > 0
         assert result.prompt_version.startswith("analysis_v1@") and result.model
         assert {"queue_ms", "batch_ms", "inference_ms"} <= set(result.timings)
@@ -78,19 +79,20 @@ def test_concurrent_small_requests_from_one_client_share_batches(endpoint: Endpo
 
     answers, health = asyncio.run(scenario())
     assert all(answer[0].ok for answer in answers)
-    assert max(answer[0].batch_size for answer in answers) > 1
+    assert [answer[0].batch_size for answer in answers] == [2] * 6
     assert health["status"] == "ready" and health["queue_size"] == 0
 
 
 def test_full_queue_raises_server_busy_with_the_retry_delay(endpoint: Endpoint) -> None:
     async def scenario() -> ServerBusy:
         async with GpuClient(endpoint.url, token=TOKEN) as client:
-            # 7 of 8 places, a partial batch: it waits batch_wait_timeout in the queue.
+            # 7 images: three batches of 2 run, the 7th waits in the queue for a partner.
             filling = asyncio.create_task(client.analyze([jpeg("red")] * 7))
-            while (await client.health())["queue_size"] == 0:
-                assert not filling.done(), "the queue never filled"
+            while (await client.health())["queue_size"] != 1:
+                assert not filling.done()
             with pytest.raises(ServerBusy) as busy:
-                await client.analyze([jpeg("blue")] * 2)
+                await client.analyze([jpeg("blue")] * 8)
+            assert (await client.analyze([jpeg("green")]))[0].ok
             assert all(result.ok for result in await filling)
             return busy.value
 
