@@ -597,9 +597,7 @@ class ImageServer:
     def image_url(
         self, name: str, ext: str = "jpg", width: int | None = None, variant: str = "", n=None
     ) -> str:
-        query = {k: v for k, v in (("w", width), ("variant", variant), ("n", n)) if v not in (None, "")}
-        suffix = "?" + urllib.parse.urlencode(query) if query else ""
-        return self.url(f"/img/{name}.{ext}{suffix}")
+        return photo_url(self.base_url, name, ext, width, variant, n)
 
     @property
     def connect_timeout_url(self) -> str:
@@ -666,16 +664,13 @@ class ImageServer:
         formats: tuple[str, ...] = ("jpg",),
     ) -> list[str]:
         """``count`` distinct URLs of real photos between the given sizes (cycling over a few dozen files)."""
-        sizes = []
-        for name, fmt in itertools.product(sorted(self.photos), formats):
-            w, h = self._source(name).size
-            for megapixels in _spread(min_megapixels, max_megapixels, 5):
-                width = max(1, round(math.sqrt(megapixels * 1e6 * w / h)))
-                sizes.append((name, fmt, width))
-        return [
-            self.image_url(name, fmt, width, n=i)
-            for i, (name, fmt, width) in zip(range(count), itertools.cycle(sizes), strict=False)
-        ]
+        return good_photo_urls(
+            self.base_url,
+            count,
+            min_megapixels=min_megapixels,
+            max_megapixels=max_megapixels,
+            formats=formats,
+        )
 
     def prerender(self, urls: Iterable[str]) -> None:
         """Render the photos behind these /img/ URLs now, so requests for them are answered at once."""
@@ -850,6 +845,38 @@ class ImageServer:
             return b"".join(parts)
 
         return self._cached(("brotli_bomb",), build)
+
+
+def photo_url(
+    base_url: str, name: str, ext: str = "jpg", width: int | None = None, variant: str = "", n=None
+) -> str:
+    """URL of a photo on a server at ``base_url`` (see the module docstring for the scheme)."""
+    query = {k: v for k, v in (("w", width), ("variant", variant), ("n", n)) if v not in (None, "")}
+    suffix = "?" + urllib.parse.urlencode(query) if query else ""
+    return f"{base_url}/img/{name}.{ext}{suffix}"
+
+
+def good_photo_urls(
+    base_url: str,
+    count: int,
+    *,
+    min_megapixels: float = 0.3,
+    max_megapixels: float = 4.0,
+    formats: tuple[str, ...] = ("jpg",),
+) -> list[str]:
+    """``count`` distinct photo URLs on a server at ``base_url``: every photo at 5 sizes from
+    ``min_megapixels`` to ``max_megapixels`` (log-spaced), cycled, each URL made unique by ``n``."""
+    sizes = []
+    for name, fmt in itertools.product(photo_names(), formats):
+        with Image.open(next(photo_dir().glob(f"{name}.*"))) as image:
+            w, h = image.size
+        for megapixels in _spread(min_megapixels, max_megapixels, 5):
+            width = max(1, round(math.sqrt(megapixels * 1e6 * w / h)))
+            sizes.append((name, fmt, width))
+    return [
+        photo_url(base_url, name, fmt, width, n=i)
+        for i, (name, fmt, width) in zip(range(count), itertools.cycle(sizes), strict=False)
+    ]
 
 
 def _spread(low: float, high: float, steps: int) -> list[float]:
