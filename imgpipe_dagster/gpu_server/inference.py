@@ -207,6 +207,7 @@ class InferenceEngine:
             self._pad_token_id = self._end_token_ids[-1]
         self._wants_token_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
         self._prompt_ids: dict[str, tuple[list[int], list[int]]] = {}
+        self._layouts: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._prompt_lock = threading.Lock()
         self._generate_calls = 0
         self.last_batch: dict[str, Any] = {}
@@ -246,27 +247,26 @@ class InferenceEngine:
                 decoded.append((index, result))
 
         rows = len(decoded)
-        seqs: list[list[int]] = []
-        positions: list[np.ndarray] = []
-        next_pos: list[int] = []
-        grids: list[tuple[int, int]] = []
-        for _, array in decoded:
-            height, width = array.shape[:2]
-            grids.append((height, width))
-            n_image = image_token_count(height, width)
-            seqs.append(before_ids + [self._image_token_id] * n_image + after_ids)
-            pos, nxt = _mrope_positions(len(before_ids), height, width, len(after_ids))
-            positions.append(pos)
-            next_pos.append(nxt)
-        width = max((len(s) for s in seqs), default=0)
+        # Row layouts depend only on (prompt, image size): cached, so preparing a batch holds the
+        # GIL briefly and the generate thread keeps the GPU fed.
+        layouts = [self._row_layout(prompt, before_ids, after_ids, a.shape[0], a.shape[1]) for _, a in decoded]
+        grids = [(a.shape[0], a.shape[1]) for _, a in decoded]
+        width = max((ids.numel() for ids, _, _ in layouts), default=0)
         input_ids = torch.full((rows, width), self._pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((rows, width), dtype=torch.long)
         position_ids = torch.zeros((3, rows, width), dtype=torch.long)
-        for row, (seq, pos) in enumerate(zip(seqs, positions, strict=True)):
-            n = len(seq)
-            input_ids[row, width - n :] = torch.tensor(seq)
-            attention_mask[row, width - n :] = 1
-            position_ids[:, row, width - n :] = torch.from_numpy(pos)
+        if rows and all(ids.numel() == width for ids, _, _ in layouts) and len(set(grids)) == 1:
+            input_ids[:] = layouts[0][0]
+            attention_mask[:] = 1
+            position_ids[:] = layouts[0][1].unsqueeze(1)
+        else:
+            for row, (ids, pos, _) in enumerate(layouts):
+                n = ids.numel()
+                input_ids[row, width - n :] = ids
+                attention_mask[row, width - n :] = 1
+                position_ids[:, row, width - n :] = pos
+        seqs = [ids for ids, _, _ in layouts]
+        next_pos = [nxt for _, _, nxt in layouts]
         image_tensors = [torch.from_numpy(a) for _, a in decoded]
         return PreparedBatch(
             prompt=prompt,
@@ -278,7 +278,7 @@ class InferenceEngine:
             attention_mask=attention_mask,
             position_ids=position_ids,
             next_position=torch.tensor(next_pos, dtype=torch.long),
-            prompt_tokens=[len(s) for s in seqs],
+            prompt_tokens=[ids.numel() for ids in seqs],
             grids=grids,
             prepare_s=time.perf_counter() - started,
         )
@@ -349,6 +349,21 @@ class InferenceEngine:
                 )
                 self._prompt_ids[prompt.version] = cached
             return cached
+
+    def _row_layout(self, prompt: Prompt, before_ids: list[int], after_ids: list[int], height: int, width: int):
+        """(token ids, rope positions (3, n), next position) of one prompt + image size; cached."""
+        key = (prompt.version, height, width)
+        layout = self._layouts.get(key)
+        if layout is None:
+            n_image = image_token_count(height, width)
+            ids = torch.tensor(before_ids + [self._image_token_id] * n_image + after_ids, dtype=torch.long)
+            pos, nxt = _mrope_positions(len(before_ids), height, width, len(after_ids))
+            layout = (ids, torch.from_numpy(pos), nxt)
+            with self._prompt_lock:
+                if len(self._layouts) > 4096:
+                    self._layouts.clear()
+                self._layouts[key] = layout
+        return layout
 
     def _generate_rows(self, batch: PreparedBatch) -> list[ImageResult]:
         try:
