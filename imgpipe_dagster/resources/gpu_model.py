@@ -19,6 +19,8 @@ log = logging.getLogger("imgpipe.resources")
 MODEL_PATH_ENV = "IMGPIPE_MODEL_PATH"
 TOKEN_ENV = "IMGPIPE_GPU_TOKEN"
 DEVICES_ENV = "IMGPIPE_GPU_DEVICES"
+BASE_PORT_ENV = "IMGPIPE_GPU_BASE_PORT"
+DEFAULT_BASE_PORT = 8000
 
 
 class GpuModelResource(ConfigurableResource):
@@ -39,7 +41,9 @@ class GpuModelResource(ConfigurableResource):
     devices: list[str] | None = Field(
         default=None, description=f"managed mode: devices (cuda:0, cpu…); empty means ${DEVICES_ENV} or every GPU"
     )
-    base_port: int = Field(default=8000)
+    base_port: int | None = Field(
+        default=None, description=f"managed mode: first server's port; empty means ${BASE_PORT_ENV}, else 8000"
+    )
     idle_timeout_s: float = Field(default=900.0, description="managed servers exit after this long unused")
     startup_timeout_s: float = Field(default=900.0)
     token: str | None = Field(default=None, description=f"bearer token; empty means ${TOKEN_ENV}")
@@ -54,6 +58,9 @@ class GpuModelResource(ConfigurableResource):
             return configured, False
         return str(ensure_tiny_model()), True
 
+    def resolved_base_port(self) -> int:
+        return self.base_port or int(os.environ.get(BASE_PORT_ENV) or DEFAULT_BASE_PORT)
+
     def resolved_devices(self) -> list[str] | None:
         if self.devices:
             return list(self.devices)
@@ -65,7 +72,8 @@ class GpuModelResource(ConfigurableResource):
         return ServerSettings(
             max_concurrent_generations=profile.max_concurrent_generations,
             max_inference_queue_size=profile.max_inference_queue_size,
-            max_inference_batch_size=profile.max_batch_images,
+            max_inference_batch_size=profile.max_inference_batch_size,
+            max_batch_images=profile.max_batch_images,
             batch_wait_timeout=profile.batch_wait_timeout,
             gen_time_default_est=profile.gen_time_default_est,
             clear_cache_every_n_requests=profile.clear_cache_every_n_requests,
@@ -74,7 +82,7 @@ class GpuModelResource(ConfigurableResource):
             enable_tf32=profile.enable_tf32,
             use_flash_attention=profile.use_flash_attention,
             max_new_tokens=profile.max_new_tokens,
-            port=self.base_port,
+            port=self.resolved_base_port(),
             model_path=model_path,
             bearer_token=self.bearer_token(),
             idle_timeout_s=self.idle_timeout_s,
@@ -97,7 +105,7 @@ class GpuModelResource(ConfigurableResource):
                 except (httpx.HTTPError, ValueError) as exc:
                     log.warning("GPU server %s is not answering (%s); the run waits for it", url, exc)
             return list(self.endpoints)
-        endpoints = self.launcher(profile).ensure(self.resolved_devices(), base_port=self.base_port)
+        endpoints = self.launcher(profile).ensure(self.resolved_devices(), base_port=self.resolved_base_port())
         return [e.url for e in endpoints]
 
 
