@@ -70,8 +70,9 @@ def verify(conn: psycopg.Connection, shard_ids: Sequence[str] | None = None, exa
         bad = conn.execute(
             "SELECT c.url, c.state::text, r.status FROM corpus_urls c "  # noqa: S608
             f"LEFT JOIN url_analysis_results r ON r.url_hash = c.url_hash {where} "
-            f"{'AND' if where else 'WHERE'} NOT ((c.state = 'done' AND r.status = 'ok') "
-            "OR (c.state = 'failed_permanent' AND r.status = 'failed') "
+            # coalesce: a missing result row (NULL status) must compare false, not unknown
+            f"{'AND' if where else 'WHERE'} NOT ((c.state = 'done' AND coalesce(r.status, '') = 'ok') "
+            "OR (c.state = 'failed_permanent' AND coalesce(r.status, '') = 'failed') "
             "OR (c.state IN ('pending', 'leased', 'failed_retryable') AND r.status IS NULL)) LIMIT %(n)s",
             {**params, "n": examples},
         ).fetchall()
