@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from imgpipe_dagster.engine.settings import EngineSettings
@@ -82,6 +83,9 @@ class ShardRunner:
         pool = ConnectionPool(
             self.database_url, min_size=1, max_size=run.max_concurrent_chunks + 2, open=True,
             kwargs={"connect_timeout": 10}, name=f"imgpipe-{self.owner[:8]}",
+            # A connection the server dropped while idle (pg_terminate_backend, a restart) is replaced
+            # at checkout instead of failing the next statement.
+            check=ConnectionPool.check_connection,
         )  # fmt: skip
         self._pool = pool
         try:
@@ -168,7 +172,12 @@ class ShardRunner:
                 room = self._high_water - self._outstanding
                 claimed: list[ClaimedUrl] = []
                 if room >= min(self._high_water // 4, 64) or self._outstanding == 0:
-                    claimed = await self._db(work.claim, self.owner, self.shard_ids, room, run.lease_seconds)
+                    try:
+                        claimed = await self._db(work.claim, self.owner, self.shard_ids, room, run.lease_seconds)
+                    except psycopg.OperationalError as exc:  # connection lost; the claim rolled back (almost always)
+                        log.warning("claiming work failed (%s); trying again", exc.__class__.__name__)
+                        await asyncio.sleep(1.0)
+                        continue
                 for item in claimed:
                     self._outstanding += 1
                     if item.attempts == 0:
@@ -180,7 +189,12 @@ class ShardRunner:
                 if self._outstanding > 0:
                     await asyncio.sleep(0.2)
                     continue
-                counts = await self._db(work.shard_state_counts, self.shard_ids)
+                try:
+                    counts = await self._db(work.shard_state_counts, self.shard_ids)
+                except psycopg.OperationalError as exc:
+                    log.warning("counting unfinished work failed (%s); trying again", exc.__class__.__name__)
+                    await asyncio.sleep(1.0)
+                    continue
                 self._remaining = sum(counts[s] for s in work.UNFINISHED_STATES)
                 if self._remaining == 0:
                     return
