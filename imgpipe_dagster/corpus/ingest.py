@@ -316,6 +316,8 @@ class _FileLoader:
 
     def _create_stage(self, columns: list[_Column]) -> None:
         extra = [sql.SQL("{} {}").format(sql.Identifier(c.stage_name), sql.SQL(c.pg_type)) for c in columns]
+        # ON COMMIT DROP does not fire when the caller's open transaction turned ours into a savepoint.
+        self.conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(_STAGE)))
         self.conn.execute(sql.SQL(
             "CREATE TEMP TABLE {} (seq bigint, line bigint, url text, url_hash bytea{}) ON COMMIT DROP"
         ).format(sql.Identifier(_STAGE), sql.SQL("").join(sql.SQL(", ") + e for e in extra)))
@@ -378,6 +380,8 @@ class _FileLoader:
 
     def finish(self) -> list[str]:
         """Drop unused reserved shards and set the others' sizes; returns the shard ids kept."""
+        if self.columns is not None:
+            self.conn.execute(sql.SQL("DROP TABLE pg_temp.{}").format(sql.Identifier(_STAGE)))
         size = self.settings.shard_size
         used = -(-self.added // size)
         last_no = self.first_shard_no + used - 1

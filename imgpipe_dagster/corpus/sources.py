@@ -360,13 +360,15 @@ def read_delimited(source: SourceFile, block_bytes: int, url_column: str) -> Ite
     if len(set(names)) != len(names):
         raise CorpusInputError(source.path, f"the header names a column twice: {_shown_columns(names)}")
     unparsed: list[tuple[int | None, str, str]] = []
+    fatal: list[CorpusInputError] = []
 
     def on_invalid_row(row) -> str:
         if "\n" in row.text:
-            raise CorpusInputError(
+            fatal.append(CorpusInputError(
                 source.path, f"unterminated quote in the record starting at line {row.number}: "
                 "the rest of the file would be read as one value; close the quote or escape it as \"\""
-            )
+            ))
+            return "error"
         unparsed.append((row.number, "malformed_row", row.text))
         return "skip"
 
@@ -399,6 +401,10 @@ def read_delimited(source: SourceFile, block_bytes: int, url_column: str) -> Ite
                            unparsed=list(unparsed))
         if quoting and last is not None:
             _check_closed_quote(source, last, stream.tail, 1 + records)
+    except pa.ArrowInvalid:
+        if fatal:
+            raise fatal[0] from None
+        raise
     finally:
         stream.close()
 
@@ -497,7 +503,5 @@ def read_batches(source: SourceFile, *, url_column: str, block_bytes: int, batch
     except DECOMPRESSION_ERRORS as exc:
         raise damaged(source, exc) from exc
     except pa.ArrowInvalid as exc:
-        if isinstance(exc.__context__, CorpusInputError):
-            raise exc.__context__ from None
         message = str(exc).strip().splitlines()[0]
         raise CorpusInputError(source.path, f"cannot parse {source.format}: {message}") from exc

@@ -1,0 +1,117 @@
+"""url_corpus: URL files ingested into corpus_urls, their new shards added as url_shards partitions.
+
+The work is imgpipe_dagster.corpus.ingest_files (no Dagster there); this asset passes its config,
+logs progress, keeps the dynamic partitions equal to the shards table, and reports the figures.
+"""
+
+import json
+import time
+
+import psycopg
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from imgpipe_dagster.corpus import CorpusInputError, IngestReport, ingest_files, sync_shard_partitions
+from imgpipe_dagster.partitions import url_shards
+from imgpipe_dagster.resources import PostgresResource
+
+# Seconds between progress lines in the run log during a long ingest.
+PROGRESS_LOG_EVERY_S = 15.0
+# Rejected-line samples shown in the materialization (all of them are in corpus_rejects).
+SAMPLES_SHOWN = 20
+
+
+class UrlCorpusConfig(Config):
+    paths: list[str] = Field(
+        default_factory=list,
+        description="URL files to ingest (.txt/.csv/.tsv/.jsonl/.parquet, optionally .gz/.zst); globs allowed",
+    )
+    glob: str | None = Field(default=None, description="a glob pattern of files to ingest, added to paths")
+    url_column: str = Field(default="url", description="the URL column of .csv/.tsv/.jsonl/.parquet files")
+    shard_size: int = Field(default=10_000, ge=1, description="URLs per shard (one url_shards partition each)")
+
+
+def sync_partitions_in_instance(instance, conn) -> list[str]:
+    """Add the missing url_shards partitions to a Dagster instance; returns the keys added."""
+    return sync_shard_partitions(instance, conn, partitions_name=url_shards.name)
+
+
+def sync_partitions_in_dagster_home(conn) -> list[str]:
+    """The same for the instance at $DAGSTER_HOME (used by `imgpipe ingest`)."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        return sync_partitions_in_instance(instance, conn)
+
+
+def _progress_logger(context: AssetExecutionContext):
+    last = [time.monotonic()]
+
+    def log_progress(state: dict) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_LOG_EVERY_S:
+            last[0] = now
+            context.log.info(
+                f"ingest: {state['rows_read']:,} rows read, {state['added']:,} new URLs, "
+                f"{state['urls_per_s']:,.0f} rows/s ({state['file']})"
+            )
+
+    return log_progress
+
+
+def report_metadata(report: IngestReport, partitions_added: int) -> dict:
+    samples = report.rejected_samples[:SAMPLES_SHOWN]
+    rows = []
+    for sample in samples:
+        value = sample["value"][:80].replace("|", "\\|").replace("`", "'")
+        rows.append(f"| {sample['path'].rsplit('/', 1)[-1]} | {sample['line']} | {sample['reason']} | `{value}` |\n")
+    sample_table = "| file | line | reason | value |\n|---|---|---|---|\n" + "".join(rows)
+    shards = report.shards_added
+    return {
+        "rows_read": report.rows_read,
+        "valid": report.valid,
+        "urls_added": report.added,
+        "duplicates": report.duplicates,
+        "rejected": report.rejected,
+        "rejected_by_reason": MetadataValue.json(report.rejected_by_reason),
+        "rejected_samples": MetadataValue.md(sample_table if samples else "none"),
+        "shards_added": len(shards),
+        "shard_range": f"{shards[0]} … {shards[-1]}" if shards else "none",
+        "partitions_added": partitions_added,
+        "files": MetadataValue.json([
+            {k: f[k] for k in ("path", "format", "skipped", "rows_read", "added", "duplicates", "rejected")}
+            for f in report.files
+        ]),
+        "corpus_urls": report.corpus_totals.get("urls", 0),
+        "corpus_shards": report.corpus_totals.get("shards", 0),
+        "corpus_files": report.corpus_totals.get("files", 0),
+        "elapsed_s": report.elapsed_s,
+        "urls_per_s": report.urls_per_s,
+    }
+
+
+@asset(
+    name="url_corpus",
+    kinds={"postgres"},
+    description="URL files ingested into corpus_urls (normalised, deduplicated) and cut into url_shards partitions.",
+)
+def url_corpus(context: AssetExecutionContext, config: UrlCorpusConfig, postgres: PostgresResource) -> MaterializeResult:
+    paths = [*config.paths, *([config.glob] if config.glob else [])]
+    if not paths:
+        raise Failure(description="url_corpus needs files: set paths (or glob) in the run config")
+    with postgres.connect() as conn:
+        try:
+            report = ingest_files(conn, paths, url_column=config.url_column, shard_size=config.shard_size,
+                                  progress=_progress_logger(context))
+        except CorpusInputError as exc:
+            raise Failure(description=str(exc)) from exc
+        finally:
+            # Also after a failure: files before the bad one were committed and their shards must show.
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                conn.rollback()
+            added = sync_partitions_in_instance(context.instance, conn)
+    context.log.info(
+        f"ingested {report.rows_read:,} rows: {report.added:,} new URLs in {len(report.shards_added)} shards, "
+        f"{report.duplicates:,} duplicates, {report.rejected:,} rejected {json.dumps(report.rejected_by_reason)}"
+    )
+    return MaterializeResult(metadata=report_metadata(report, len(added)))
