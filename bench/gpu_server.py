@@ -83,7 +83,7 @@ def start_server(args, model: Path, random_weights: bool, batch: int, port: int,
     cmd = [
         sys.executable, "-m", "imgpipe_dagster.gpu_server",
         "--model", str(model), "--device", args.device, "--port", str(port),
-        "--max-inference-batch-size", str(batch),
+        "--max-inference-batch-size", str(batch), "--max-batch-images", str(batch),
         "--max-inference-queue-size", str(max(4 * batch, 2 * args.clients * args.request_images)),
         "--max-request-images", str(max(args.request_images, 1)),
         "--batch-wait-timeout", str(args.batch_wait),

@@ -87,7 +87,8 @@ def bench_end_to_end(url: str, n_urls: int, devices: list[str]) -> None:
     state = Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
     model = build_tiny_model(state / "tiny")
     worker, gpu = resolve("medium", {"images_per_request": 16, "chunk_size": 100})
-    server_settings = ServerSettings(model_path=str(model), max_inference_batch_size=gpu.max_batch_images,
+    server_settings = ServerSettings(model_path=str(model), max_inference_batch_size=gpu.max_inference_batch_size,
+                                     max_batch_images=gpu.max_batch_images,
                                      batch_wait_timeout=gpu.batch_wait_timeout, port=18600)  # fmt: skip
     launcher = GpuServerLauncher(state / "gpu-servers", server_settings, startup_timeout_s=300)
     try:

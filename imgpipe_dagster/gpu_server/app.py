@@ -246,6 +246,7 @@ def health_snapshot(state: ServerState) -> dict[str, Any]:
         "dtype": state.engine_attr("dtype"),
         "queue_capacity": settings.max_inference_queue_size,
         "max_inference_batch_size": settings.max_inference_batch_size,
+        "max_batch_images": settings.max_batch_images,
         "max_request_images": settings.request_image_cap,
         "in_flight": batcher.in_flight if batcher else 0,
         "batches_in_pipeline": batcher.batches_in_pipeline if batcher else 0,

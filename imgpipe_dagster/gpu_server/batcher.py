@@ -83,6 +83,8 @@ class _Item:
     prompt: str
     future: asyncio.Future[ImageOutcome]
     enqueued_at: float
+    # The submit() call the image came with: a batch merges at most max_inference_batch_size of them.
+    request: int = 0
 
 
 @dataclass
@@ -137,6 +139,7 @@ class DynamicBatcher:
         self._on_batch_done = on_batch_done
         self._clock = clock
         self._pending: deque[_Item] = deque()
+        self._requests_seen = 0
         self._changed = asyncio.Event()
         self._generate_queue: asyncio.Queue[_Batch | None] = asyncio.Queue()
         self._batches_in_pipeline = 0
@@ -195,7 +198,8 @@ class DynamicBatcher:
             raise QueueFull(self.retry_after_seconds(len(images)), len(self._pending), capacity)
         loop = asyncio.get_running_loop()
         now = self._clock()
-        items = [_Item(image, prompt, loop.create_future(), now) for image in images]
+        self._requests_seen += 1
+        items = [_Item(image, prompt, loop.create_future(), now, self._requests_seen) for image in images]
         self._pending.extend(items)
         self._changed.set()
         return list(await asyncio.gather(*(item.future for item in items)))
@@ -203,12 +207,12 @@ class DynamicBatcher:
     def retry_after_seconds(self, request_images: int) -> float:
         """Seconds until ``request_images`` more images would fit the queue, from the measured pace.
 
-        The excess over capacity drains at one batch of ``max_inference_batch_size`` per measured batch
+        The excess over capacity drains at one batch of ``max_batch_images`` per measured batch
         time; the batches already in the pipeline go first.
         """
         settings = self._settings
         excess = len(self._pending) + request_images - settings.max_inference_queue_size
-        batches = math.ceil(max(excess, 1) / settings.max_inference_batch_size) + self._batches_in_pipeline
+        batches = math.ceil(max(excess, 1) / settings.max_batch_images) + self._batches_in_pipeline
         return max(1.0, math.ceil(batches * self.batch_seconds_estimate))
 
     @property
@@ -244,11 +248,10 @@ class DynamicBatcher:
             if self._closing and not self._pending:
                 await self._generate_queue.put(None)
                 return
-            head_count = self._count_head_prompt()
+            _, full = self._select_head()
             slot_free = self._batches_in_pipeline < settings.max_concurrent_generations
             now = self._clock()
             deadline = self._pending[0].enqueued_at + settings.batch_wait_timeout if self._pending else None
-            full = head_count >= settings.max_inference_batch_size
             overdue = deadline is not None and (now >= deadline or self._closing)
             if slot_free and (full or (overdue and self._batches_ahead == 0)):
                 self._form_batch()
@@ -262,33 +265,34 @@ class DynamicBatcher:
             except TimeoutError:
                 pass
 
-    def _count_head_prompt(self) -> int:
+    def _select_head(self) -> tuple[list[int], bool]:
+        """Indices of the pending images the next batch takes (the head's prompt, at most
+        max_batch_images images from at most max_inference_batch_size requests), and whether that
+        batch is full (one of the two caps is reached)."""
         if not self._pending:
-            return 0
+            return [], False
+        settings = self._settings
         prompt = self._pending[0].prompt
-        limit = self._settings.max_inference_batch_size
-        count = 0
-        for item in self._pending:
-            if item.prompt == prompt:
-                count += 1
-                if count >= limit:
-                    break
-        return count
+        taken: list[int] = []
+        requests: set[int] = set()
+        for index, item in enumerate(self._pending):
+            if item.prompt != prompt:
+                continue
+            if item.request not in requests:
+                if len(requests) >= settings.max_inference_batch_size:
+                    return taken, True
+                requests.add(item.request)
+            taken.append(index)
+            if len(taken) >= settings.max_batch_images:
+                return taken, True
+        # a request's images arrive together, so reaching the request cap here means the batch is full
+        return taken, len(requests) >= settings.max_inference_batch_size
 
     def _form_batch(self) -> None:
         prompt = self._pending[0].prompt
-        limit = self._settings.max_inference_batch_size
-        taken: list[_Item] = []
-        kept: deque[_Item] = deque()
-        while self._pending:
-            item = self._pending.popleft()
-            if len(taken) < limit and item.prompt == prompt:
-                taken.append(item)
-            else:
-                kept.append(item)
-                if len(taken) >= limit:
-                    break
-        kept.extend(self._pending)
+        chosen = set(self._select_head()[0])
+        taken = [item for index, item in enumerate(self._pending) if index in chosen]
+        kept = deque(item for index, item in enumerate(self._pending) if index not in chosen)
         self._pending = kept
         batch = _Batch(taken, prompt, self._clock())
         loop = asyncio.get_running_loop()

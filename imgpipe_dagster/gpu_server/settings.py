@@ -28,7 +28,9 @@ class ServerSettings:
     max_concurrent_generations: int = 6
     # Images allowed to wait for a batch; a request that would exceed it gets 429 + Retry-After.
     max_inference_queue_size: int = 1000
-    # Most images in one generate() call.
+    # Most requests merged into one generate() call. A legacy request carried one image; ours carry
+    # a client-side mini-batch (images_per_request), so the GPU batch grows with the request size
+    # while this stays the legacy number. Images per generate() are capped by max_batch_images.
     max_inference_batch_size: int = 4
     # Seconds a batch waits for more images after its first image arrived, before it goes anyway.
     batch_wait_timeout: float = 0.08
@@ -62,6 +64,8 @@ class ServerSettings:
     idle_timeout_s: float = 0.0
     # Build the model from its config with random weights (benchmarks of an architecture).
     random_weights: bool = False
+    # Most images in one generate() call (GPU memory bound; a CUDA OOM still splits a batch).
+    max_batch_images: int = 256
     # Most images in one request (413 above it); also capped by max_inference_queue_size.
     max_request_images: int = 256
     # Most bytes in one request body (413 above it).
@@ -72,6 +76,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_inference_batch_size < 1:
             raise ValueError("max_inference_batch_size must be >= 1")
+        if self.max_batch_images < 1:
+            raise ValueError("max_batch_images must be >= 1")
         if self.max_inference_queue_size < 1:
             raise ValueError("max_inference_queue_size must be >= 1")
         if self.max_concurrent_generations < 1:

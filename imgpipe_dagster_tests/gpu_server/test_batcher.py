@@ -46,7 +46,7 @@ class ScriptedEngine:
             self.most_generating_at_once = max(self.most_generating_at_once, self.generating_now)
         self.generate_started.set()
         try:
-            self.release.wait(timeout=10)
+            self.release.wait(timeout=120)  # generous: a loaded CI machine must not release it early
             prompt, images = batch
             if self.fail_generate_for & set(images):
                 raise RuntimeError("CUDA error: device-side assert triggered")
@@ -260,5 +260,30 @@ def test_close_that_gives_up_answers_every_waiting_image() -> None:
         for task in (stuck, waiting):
             with pytest.raises(BatcherClosed):
                 await task
+
+    run(scenario())
+
+
+def test_a_batch_merges_at_most_max_inference_batch_size_requests_and_max_batch_images_images() -> None:
+    async def scenario() -> None:
+        engine = ScriptedEngine(hold_generate=True)
+        batcher = DynamicBatcher(
+            engine, settings(max_inference_batch_size=2, max_batch_images=5, max_concurrent_generations=1)
+        )
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(images("a0"), "p"))
+        await wait_until(engine.generate_started.is_set)  # the GPU is busy: the next requests queue up
+        rest = [
+            asyncio.create_task(batcher.submit(images("b0", "b1"), "p")),
+            asyncio.create_task(batcher.submit(images("c0", "c1"), "p")),
+            asyncio.create_task(batcher.submit(images("d0", "d1", "d2", "d3", "d4", "d5"), "p")),
+        ]
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+        sizes = [images_ for _, images_ in engine.generated_batches]
+        # two requests per batch (b+c), then one request cut at the image cap (d0..d4), then its rest
+        assert sizes == [[b"a0"], [b"b0", b"b1", b"c0", b"c1"], [b"d0", b"d1", b"d2", b"d3", b"d4"], [b"d5"]]
 
     run(scenario())
