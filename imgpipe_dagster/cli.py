@@ -192,17 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=40, help="URLs per shard of the sample corpus")
     p.add_argument("--keep-servers", action="store_true", help="leave the GPU servers warm afterwards")
 
-    for extend in EXTENSIONS:
-        extend(sub)
+    # Subcommands that live beside their code register themselves (parser and COMMANDS entry).
+    from imgpipe_dagster import metrics, status
+    from imgpipe_dagster.corpus import cli as corpus_cli
+
+    for module in (corpus_cli, status, metrics):
+        module.add_parser(sub)
     return parser
-
-
-# Other modules add their subcommands here (kept in one list so `imgpipe --help` shows them all).
-EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-from imgpipe_dagster import metrics, status  # noqa: E402 - their subcommands need EXTENSIONS above
-
-EXTENSIONS += [status.add_parser, metrics.add_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """`imgpipe ingest FILE...`: load URL files into the corpus and register their shards with Dagster.
 
-Registered by imgpipe_dagster.cli through ``add_parser`` (its EXTENSIONS list). The partitions go
+Registered by imgpipe_dagster.cli.build_parser through ``add_parser``. The partitions go
 into the Dagster instance at $DAGSTER_HOME, or the project's own ($IMGPIPE_HOME/dagster_home) when
 DAGSTER_HOME is unset, so the UI's url_shards always match the shards table.
 """
