@@ -190,6 +190,10 @@ def tiny_config_dict(vocab_size: int, special_base_id: int, arch: str = "qwen2_v
     )
 
 
+# A file in the checkpoint folder that marks it as the tiny random test model.
+TINY_MODEL_MARKER = "IMGPIPE_TINY_RANDOM_MODEL"
+
+
 def build_tiny_model(out_dir: str | Path, arch: str = "qwen2_vl", seed: int = 0) -> Path:
     """Write a tiny random Qwen2-VL (or Qwen2.5-VL) checkpoint into out_dir and return its path."""
     import torch
@@ -216,7 +220,13 @@ def build_tiny_model(out_dir: str | Path, arch: str = "qwen2_vl", seed: int = 0)
                 param.uniform_(0.8, 1.2)
     model.save_pretrained(out, safe_serialization=True)
     # save_pretrained rewrites config.json in the installed transformers' own layout; that is fine.
+    (out / TINY_MODEL_MARKER).write_text("random weights built by imgpipe make-tiny-model: its text is noise\n")
     return out
+
+
+def is_tiny_model(path: str | Path) -> bool:
+    """True for a checkpoint written by build_tiny_model (whose output is noise)."""
+    return (Path(path) / TINY_MODEL_MARKER).is_file()
 
 
 def model_config_path(arch: str) -> Path:

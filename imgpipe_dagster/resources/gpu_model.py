@@ -17,6 +17,9 @@ from imgpipe_dagster.profiles import GpuServerProfile
 log = logging.getLogger("imgpipe.resources")
 
 MODEL_PATH_ENV = "IMGPIPE_MODEL_PATH"
+MAX_NEW_TOKENS_ENV = "IMGPIPE_MAX_NEW_TOKENS"
+# The tiny test model's text is noise: generating the profile's 128 tokens of it only costs CPU time.
+TINY_MODEL_MAX_NEW_TOKENS = 16
 TOKEN_ENV = "IMGPIPE_GPU_TOKEN"
 DEVICES_ENV = "IMGPIPE_GPU_DEVICES"
 BASE_PORT_ENV = "IMGPIPE_GPU_BASE_PORT"
@@ -55,7 +58,9 @@ class GpuModelResource(ConfigurableResource):
         """(path, is_tiny_test_model)."""
         configured = self.model_path or os.environ.get(MODEL_PATH_ENV)
         if configured:
-            return configured, False
+            from imgpipe_dagster.gpu_server.tiny_model import is_tiny_model
+
+            return configured, is_tiny_model(configured)
         return str(ensure_tiny_model()), True
 
     def resolved_base_port(self) -> int:
@@ -67,8 +72,14 @@ class GpuModelResource(ConfigurableResource):
         configured = os.environ.get(DEVICES_ENV)
         return [d.strip() for d in configured.split(",") if d.strip()] if configured else None
 
+    def max_new_tokens(self, profile: GpuServerProfile, tiny: bool) -> int:
+        configured = os.environ.get(MAX_NEW_TOKENS_ENV)
+        if configured:
+            return int(configured)
+        return min(profile.max_new_tokens, TINY_MODEL_MAX_NEW_TOKENS) if tiny else profile.max_new_tokens
+
     def server_settings(self, profile: GpuServerProfile) -> ServerSettings:
-        model_path, _ = self.resolved_model_path()
+        model_path, tiny = self.resolved_model_path()
         return ServerSettings(
             max_concurrent_generations=profile.max_concurrent_generations,
             max_inference_queue_size=profile.max_inference_queue_size,
@@ -113,12 +124,12 @@ def ensure_tiny_model() -> Path:
     """The tiny random Qwen2-VL under $IMGPIPE_HOME/models/tiny-qwen2-vl (built once, under a lock)."""
     from filelock import FileLock
 
-    from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
+    from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model, is_tiny_model
 
     target = imgpipe_home() / "models" / "tiny-qwen2-vl"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=300):
-        if not (target / "config.json").is_file():
+        if not is_tiny_model(target):
             log.warning("no %s set: building the tiny random test model in %s (its text is noise)",
                         MODEL_PATH_ENV, target)
             build_tiny_model(target)

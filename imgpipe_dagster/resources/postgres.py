@@ -8,6 +8,9 @@ from pydantic import Field, PrivateAttr
 
 from imgpipe_dagster.store import database as db
 
+# URLs already migrated in this process: sensors build a new resource every tick.
+_PREPARED: set[str] = set()
+
 
 class PostgresResource(ConfigurableResource):
     """The project database: IMGPIPE_DATABASE_URL, else the embedded server (started on first use).
@@ -21,7 +24,9 @@ class PostgresResource(ConfigurableResource):
     def url(self) -> str:
         if self._resolved is None:
             url = self.database_url or db.resolve_database_url()
-            db.prepare_databases(url)
+            if url not in _PREPARED:
+                db.prepare_databases(url)
+                _PREPARED.add(url)
             self._resolved = url
         return self._resolved
 
