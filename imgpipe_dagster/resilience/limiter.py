@@ -5,7 +5,7 @@ on req/s; ``aiometer`` caps concurrency and rate at fixed values) and none adapt
 limit to latency and losses, which is what the reliability rules ask for (AIMD on requests in
 flight, Little's law). Netflix's ``concurrency-limits`` does, but it is Java.
 
-How it works (SETTINGS.md says the same for users):
+How it works (docs/RESILIENCE.md says the same for users):
 
 * The controlled quantity is the number of requests in flight, a float ``limit`` whose integer
   part is enforced. It lives in ``[min_limit, max_limit]``; the legacy rates become limits by

@@ -1,7 +1,7 @@
 """Typed settings for the adaptive limiter, the circuit breaker and the retry policy.
 
 Field names are the legacy ``.env`` names in lower-case snake_case; defaults are the legacy
-MEDIUM profile. Fields the legacy did not have are marked "new". ``SETTINGS.md`` beside this
+MEDIUM profile. Fields the legacy did not have are marked "new". ``docs/RESILIENCE.md`` in the
 file explains every field in prose, including how the legacy rates map onto a concurrency limit.
 """
 

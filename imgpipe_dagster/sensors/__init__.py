@@ -1,4 +1,4 @@
-"""Sensors: the throttle (feeder), new corpus files, run failures. See README_SECTION.md."""
+"""Sensors: the throttle (feeder), new corpus files, run failures. See docs/SENSORS.md."""
 
 from imgpipe_dagster.sensors.corpus import corpus_files
 from imgpipe_dagster.sensors.run_failure import shard_run_failures
