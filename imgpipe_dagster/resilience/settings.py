@@ -1,8 +1,8 @@
 """Typed settings for the adaptive limiter, the circuit breaker and the retry policy.
 
 Field names are the legacy ``.env`` names in lower-case snake_case; defaults are the legacy
-MEDIUM profile. Fields the legacy did not have are marked "new". ``docs/RESILIENCE.md`` in the
-file explains every field in prose, including how the legacy rates map onto a concurrency limit.
+MEDIUM profile. Fields the legacy did not have are marked "new". ``docs/RESILIENCE.md``
+explains every field in prose, including how the legacy rates map onto a concurrency limit.
 """
 
 from __future__ import annotations
