@@ -3,8 +3,9 @@
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
+from imgpipe_dagster.plots import throughput_markdown
 from imgpipe_dagster.resources import PostgresResource
-from imgpipe_dagster.store.stats import progress
+from imgpipe_dagster.store.stats import progress, throughput_series
 
 
 def _duration(seconds: float | None) -> str:
@@ -25,6 +26,8 @@ def _duration(seconds: float | None) -> str:
 def progress_report(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
     with postgres.connect() as conn:
         p = progress(conn)
+        series = throughput_series(conn, hours=24)
+        (now,) = conn.execute("SELECT now()").fetchone()
     states = p.urls_by_state
     lines = [
         f"URLs: {p.urls_total} total, {states['done']} done, {states['failed_permanent']} failed, "
@@ -38,6 +41,7 @@ def progress_report(context: AssetExecutionContext, postgres: PostgresResource) 
     return MaterializeResult(
         metadata={
             "summary": MetadataValue.md("\n".join(f"- {line}" for line in lines)),
+            "throughput_24h": MetadataValue.md(throughput_markdown(series, now)),
             "urls_total": p.urls_total,
             "urls_done": states["done"],
             "urls_failed": states["failed_permanent"],
