@@ -2,8 +2,10 @@
 
 ``fetch`` turns one URL into one :class:`FetchResult` and never raises for a per-URL failure;
 ``stream`` runs ``prefetch_concurrent_downloads`` workers over an input of (key, url) pairs and yields
-the results in completion order through a queue of ``prefetch_queue_size``, so memory is bounded by
-(workers + queue) × ``max_bytes`` whatever the input.
+the results in completion order through a queue of ``prefetch_queue_size``. Memory is bounded whatever
+the input: each worker holds at most ``max_bytes`` of body (checked on Content-Length, while streaming
+and after Content-Encoding), each decode thread at most ``max_image_pixels`` of pixels (checked from
+the header before decoding), and queued results hold only the small resized image.
 """
 
 from __future__ import annotations

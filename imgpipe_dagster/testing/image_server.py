@@ -136,14 +136,15 @@ class FaultCase:
 def fault_test_settings(**overrides) -> FetchSettings:
     """Fetch settings under which every :meth:`ImageServer.fault_cases` expectation holds.
 
-    Loopback is allowed (the server lives there), deadlines are short so faults end quickly, and the
-    read timeout (1 s) sits between the trickle interval (0.1 s) and the total deadline (3 s).
+    Loopback is allowed (the server lives there), deadlines are short so faults end quickly yet leave
+    room for a loaded machine, and the read timeout (2 s) sits between the trickle interval (0.1 s)
+    and the total deadline (6 s); slow headers wait 30 s, far past both.
     """
     settings = FetchSettings(
         allowed_networks=["127.0.0.0/8"],
-        prefetch_download_timeout=3.0,
+        prefetch_download_timeout=6.0,
         connect_timeout_s=1.0,
-        read_timeout_s=1.0,
+        read_timeout_s=2.0,
         dns_timeout_s=2.0,
         max_bytes=8 * 1024 * 1024,
         max_image_pixels=40_000_000,

@@ -48,14 +48,14 @@ HOSTILE = {
 }
 
 
-def test_peak_rss_stays_under_1_gib_with_bombs_among_normal_photos(image_server: ImageServer) -> None:
-    good = image_server.good_urls(60, min_megapixels=0.3, max_megapixels=4.0)
-    image_server.prerender(good)
+def test_peak_rss_stays_under_1_gib_with_bombs_among_normal_photos(warm_image_server: ImageServer) -> None:
+    good = warm_image_server.good_urls(60, min_megapixels=0.3, max_megapixels=4.0)
+    warm_image_server.prerender(good)
     items = [[f"good-{i}", url] for i, url in enumerate(good)]
     # three copies of every hostile input, spread among the photos so several are in flight at once
     for copy in range(3):
         for kind, (path, _expected) in HOSTILE.items():
-            items.insert(len(items) * (copy + 1) // 4, [f"{kind}-{copy}", image_server.url(path)])
+            items.insert(len(items) * (copy + 1) // 4, [f"{kind}-{copy}", warm_image_server.url(path)])
     completed = subprocess.run(
         [sys.executable, "-c", WORKER], input=json.dumps(items), capture_output=True, text=True, timeout=240
     )

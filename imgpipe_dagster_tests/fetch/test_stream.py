@@ -17,7 +17,8 @@ async def collect(fetcher: ImageFetcher, items) -> list[FetchResult]:
     return [result async for result in fetcher.stream(items)]
 
 
-def test_every_item_yields_exactly_one_result_among_faults(image_server: ImageServer) -> None:
+def test_every_item_yields_exactly_one_result_among_faults(warm_image_server: ImageServer) -> None:
+    image_server = warm_image_server
     good = [(f"good-{i}", url) for i, url in enumerate(image_server.good_urls(40, max_megapixels=1.0))]
     image_server.prerender(url for _key, url in good)
     faults = [(f"fault-{case.kind}", case.url) for case in image_server.fault_cases()]
