@@ -150,6 +150,7 @@ class _PeakRss:
 
         self._process = psutil.Process(pid)
         self.peak = 0
+        self.cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -158,6 +159,8 @@ class _PeakRss:
         while not self._stop.is_set():
             try:
                 self.peak = max(self.peak, self._process.memory_info().rss)
+                times = self._process.cpu_times()
+                self.cpu_s = times.user + times.system
             except Exception:  # noqa: BLE001 - the backend may be gone at the end
                 return
             self._stop.wait(0.5)
@@ -165,6 +168,11 @@ class _PeakRss:
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
+        try:
+            times = self._process.cpu_times()
+            self.cpu_s = times.user + times.system
+        except Exception:  # noqa: BLE001
+            pass
         return self.peak
 
 
@@ -186,7 +194,15 @@ def child_ingest(path: str, url: str, label: str) -> None:
          duplicates=report.duplicates, rejected=report.rejected, rejected_by_reason=report.rejected_by_reason,
          shards=len(report.shards_added), elapsed_s=report.elapsed_s, urls_per_s=report.urls_per_s,
          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-         pg_backend_peak_rss_mb=round(backend_peak / 2**20, 1))
+         pg_backend_peak_rss_mb=round(backend_peak / 2**20, 1),
+         # CPU seconds show what the ingest costs when the machine is shared (wall time then says little).
+         python_cpu_s=round(_own_cpu_s(), 1), pg_backend_cpu_s=round(backend.cpu_s, 1),
+         load_avg_1m=round(os.getloadavg()[0], 2))
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child_baseline(path: str, url: str, rows: int) -> None:

@@ -103,6 +103,15 @@ def test_cli_ingest_registers_partitions_in_dagster_home(conn, dagster_instance,
     assert partitions(dagster_instance) == table_shards(conn)
 
 
+def _prepare_without_dagster_database(url: str) -> None:
+    from imgpipe_dagster.store import database as db
+    from imgpipe_dagster.store.migrations import migrate
+
+    db.ensure_database(url)
+    with db.connect(url) as conn:
+        migrate(conn)
+
+
 class _Borrowed:
     """The fixture's instance behind DagsterInstance.get(), without closing it on exit."""
 
