@@ -1,0 +1,306 @@
+"""The Dagster UI as an operator uses it: `imgpipe dev` in a subprocess, driven by headless Debian
+Chromium through Playwright (never a downloaded browser). Screenshots go to artifacts/ui/.
+
+One `imgpipe dev` serves the whole module (it takes a minute to start); the run launched from the
+launchpad reaches two real tiny-model GPU server processes on the CPU and the real image server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.store import database as db
+from imgpipe_dagster_tests.conftest import REPO_ROOT, _create_from_template
+from imgpipe_dagster_tests.support import free_port, free_port_pair, seed_corpus
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+ARTIFACTS = REPO_ROOT / "artifacts" / "ui"
+SHARDS = ("s000001", "s000002")
+STARTUP_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 480  # run worker start + two GPU server starts + 3 URLs, on a loaded 2-core box
+UI_TIMEOUT_MS = 90_000  # the asset graph lays itself out in a web worker: slow on a busy 2-core box
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"),
+]
+
+
+@dataclass
+class DevServer:
+    base_url: str
+    location: str
+    repository: str
+    home: Path
+    database_url: str
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        response = httpx.post(f"{self.base_url}/graphql", json={"query": query, "variables": variables or {}},
+                              timeout=60)  # fmt: skip
+        response.raise_for_status()
+        body = response.json()
+        assert "errors" not in body, body["errors"]
+        return body["data"]
+
+
+WORKSPACE = """{ workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
+  locationOrLoadError { __typename ... on PythonError { message }
+    ... on RepositoryLocation { repositories { name } } } } } } }"""
+
+
+def _wait_for_location(base_url: str, process: subprocess.Popen, log_path: Path) -> tuple[str, str]:
+    """(location name, repository name) once the code location has loaded; fails on a load error."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"imgpipe dev exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            body = httpx.post(f"{base_url}/graphql", json={"query": WORKSPACE}, timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            time.sleep(1)
+            continue
+        for entry in body.get("data", {}).get("workspaceOrError", {}).get("locationEntries", []):
+            loaded = entry["locationOrLoadError"]
+            if entry["loadStatus"] == "LOADED" and loaded and loaded["__typename"] == "PythonError":
+                pytest.fail(f"code location {entry['name']} failed to load: {loaded['message']}")
+            if entry["loadStatus"] == "LOADED" and loaded:
+                return entry["name"], loaded["repositories"][0]["name"]
+        time.sleep(1)
+    pytest.fail(f"imgpipe dev did not load its code location in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """`imgpipe dev` and everything under it (webserver, daemon, code server, run workers)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group, if any
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server_module():
+    from imgpipe_dagster.testing.image_server import ImageServer
+
+    with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Iterator[DevServer]:
+    """`imgpipe dev --port <free>` on a fresh project database with two seeded shards."""
+    database_url = _create_from_template(pg_server_url, f"imgpipe_test_{_templates['run']}_ui", _templates["project"])
+    _templates["created"] += [db.database_name(database_url), db.database_name(db.dagster_database_url(database_url))]
+    server = image_server_module
+    with db.connect(database_url) as conn:
+        seed_corpus(conn, {
+            "s000001": [server.image_url(n, e, width=w, n=i) for i, (n, e, w) in
+                        enumerate([("astronaut", "png", 640), ("chelsea", "jpg", 300), ("coffee", "jpg", 500)])],
+            "s000002": [server.image_url("rocket", "jpg", width=400, n=i) for i in range(3)],
+        })  # fmt: skip
+    # under the repo: the embedded tooling dislikes pytest's 0700 temp parents
+    home = REPO_ROOT / ".imgpipe" / f"ui-{uuid.uuid4().hex[:8]}"
+    home.mkdir(parents=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "IMGPIPE_"))} | {
+        "IMGPIPE_HOME": str(home),
+        db.DATABASE_URL_ENV: database_url,
+        "IMGPIPE_MODEL_PATH": str(tiny_model_dir),
+        "IMGPIPE_GPU_DEVICES": "cpu,cpu",
+        "IMGPIPE_GPU_BASE_PORT": str(free_port_pair()),
+        "IMGPIPE_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
+    }
+    log_path = home / "imgpipe-dev.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from imgpipe_dagster.cli import main; sys.exit(main())",
+             "dev", "--port", str(port)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT,
+        )  # fmt: skip
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        location, repository = _wait_for_location(base_url, process, log_path)
+        yield DevServer(base_url, location, repository, home, database_url)
+    finally:
+        _stop(process)
+        GpuServerLauncher(home / "gpu-servers").stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    """A fresh Chromium profile per module (--user-data-dir), Debian's binary only."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # Playwright passes it as --user-data-dir
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000},
+        )  # fmt: skip
+        context.set_default_timeout(UI_TIMEOUT_MS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser_context):
+    page = browser_context.new_page()
+    yield page
+    page.close()
+
+
+def shot(page, name: str) -> Path:
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def add_partitions(dev: DevServer, keys) -> None:
+    for key in keys:
+        data = dev.graphql(
+            """mutation($repo: RepositorySelector!, $key: String!) {
+                 addDynamicPartition(repositorySelector: $repo, partitionsDefName: "url_shards", partitionKey: $key)
+                 { __typename ... on PythonError { message } } }""",
+            {"repo": {"repositoryName": dev.repository, "repositoryLocationName": dev.location}, "key": key},
+        )
+        added = data["addDynamicPartition"]["__typename"]
+        assert added in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"), data
+
+
+# ----------------------------------------------------------------- tests
+
+
+def test_dev_serves_the_ui_and_graphql_lists_the_repository(dev):
+    page_html = httpx.get(dev.base_url + "/", timeout=30)
+    assert page_html.status_code == 200 and re.search(r"<title[^>]*>Dagster</title>", page_html.text)
+
+    data = dev.graphql("""{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name }
+                            jobs { name } assetNodes { assetKey { path } } } } } }""")  # fmt: skip
+
+    (repository,) = data["repositoriesOrError"]["nodes"]
+    assert repository["location"]["name"] == dev.location
+    assert {"analyze_conservative", "analyze_medium", "analyze_aggressive"} <= {j["name"] for j in repository["jobs"]}
+    assert {"url_corpus", "image_analysis", "progress_report"} <= {
+        a["assetKey"]["path"][-1] for a in repository["assetNodes"]
+    }
+
+
+def test_asset_graph_shows_the_pipeline_with_its_checks(dev, page):
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=lineage&lineageScope=neighbors&lineageDepth=1")
+    for name in ("url_corpus", "image_analysis", "progress_report"):
+        page.get_by_text(name, exact=True).last.wait_for(state="visible")
+    page.get_by_text("0 / 3 Passed").first.wait_for(state="visible")  # image_analysis' three checks
+    page.wait_for_timeout(1500)  # edges are drawn after the nodes
+    shot(page, "01_asset_graph")
+    # the edges run url_corpus -> image_analysis -> progress_report, left to right
+    xs = [page.get_by_text(n, exact=True).last.bounding_box()["x"]
+          for n in ("url_corpus", "image_analysis", "progress_report")]  # fmt: skip
+    assert xs == sorted(xs), xs
+
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=checks")
+    for check in ("every_url_final", "analyses_parse", "failure_ratio"):
+        page.get_by_text(check, exact=True).first.wait_for(state="visible")
+    shot(page, "02_image_analysis_checks")
+
+
+def test_partitions_view_lists_the_shards_with_their_status(dev, page):
+    add_partitions(dev, SHARDS)
+
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions")
+    for shard in SHARDS:
+        page.get_by_text(shard, exact=True).first.wait_for(state="visible")
+    page.get_by_text(f"Missing ({len(SHARDS)})").wait_for(state="visible")
+    shot(page, "03_url_shards_partitions")
+
+
+RUN_STATUS = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status jobName tags { key value }
+  assetMaterializations { partition } } } }"""  # fmt: skip
+# the conservative profile, with small batches so three URLs do not wait for a full request
+CHOSEN_CONFIG = """ops:
+  image_analysis:
+    config:
+      profile: conservative
+      worker:
+        images_per_request: 2
+        chunk_size: 2
+        lease_seconds: 5
+        retry_delay: 0.05
+"""
+
+
+def test_a_shard_launched_from_the_launchpad_runs_to_success(dev, page):
+    add_partitions(dev, SHARDS)  # idempotent: this test also runs alone
+    page.goto(f"{dev.base_url}/locations/{dev.repository}@{dev.location}/jobs/analyze_conservative/playground")
+    # the partition: type into the launchpad's partition picker and take the suggestion
+    picker = page.get_by_placeholder("Partition")
+    picker.click()
+    picker.fill("s000001")
+    page.get_by_text("s000001", exact=True).last.click()
+    # the profile: replace the scaffolded config in the editor with the chosen one
+    editor = page.locator(".CodeMirror").first
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(CHOSEN_CONFIG)  # no key events: the editor does not re-indent the YAML
+    page.get_by_text("No errors").wait_for(state="visible")
+    shot(page, "04_launchpad_conservative_s000001")
+    page.get_by_role("button", name="Launch Run").click()
+
+    page.wait_for_url("**/runs/**")
+    run_id = page.url.rstrip("/").split("/runs/")[1].split("?")[0].split("/")[0]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    status = None
+    while time.monotonic() < deadline:
+        run = dev.graphql(RUN_STATUS, {"id": run_id})["runOrError"]
+        status = run["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    assert status == "SUCCESS", (status, (dev.home / "imgpipe-dev.log").read_text()[-3000:])
+    page.reload()
+    page.get_by_text("Success", exact=True).first.wait_for(state="visible")  # the run's status tag
+    shot(page, "05_run_success")
+    assert run["jobName"] == "analyze_conservative"
+    assert {t["key"]: t["value"] for t in run["tags"]}["dagster/partition"] == "s000001"
+    assert [m["partition"] for m in run["assetMaterializations"]] == ["s000001"]
+    with db.connect(dev.database_url) as conn:
+        states = dict(conn.execute(
+            "SELECT state::text, count(*) FROM corpus_urls WHERE shard_id = 's000001' GROUP BY 1").fetchall())  # fmt: skip
+        gpus = {g for (g,) in conn.execute("SELECT DISTINCT gpu FROM url_analysis_results WHERE status = 'ok'")}
+    assert states == {"done": 3}
+    assert gpus and gpus <= {"gpu0", "gpu1"}  # analysed on the tiny-model servers
+
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions")
+    page.get_by_text("Materialized (1)").wait_for(state="visible")
+    page.get_by_text("s000001", exact=True).first.click()
+    page.get_by_text("conservative").first.wait_for(state="visible")  # the profile metadata of the shard
+    shot(page, "06_partition_materialized")
