@@ -131,3 +131,16 @@ def test_a_killed_ingest_process_leaves_no_half_shard(conn, database_url, tmp_pa
     assert result.returncode == -9 and marker.exists()
     assert nothing_written(conn)
     assert ingest_files(conn, [path], shard_size=500).added == 20_000
+
+
+def test_the_seen_filter_never_forgets_a_url():
+    import hashlib
+
+    from imgpipe_dagster.corpus.ingest import _SeenFilter
+
+    seen = _SeenFilter()
+    first = b"".join(hashlib.md5(f"u{i}".encode()).digest() for i in range(50_000))
+    assert seen.check_and_add(first).sum() < 50  # a fresh filter says "maybe" almost never
+    again = b"".join(hashlib.md5(f"u{i}".encode()).digest() for i in range(0, 100_000, 2))
+    maybe = seen.check_and_add(again)
+    assert maybe[:25_000].all()  # every URL added before is "maybe seen": no false "new"
