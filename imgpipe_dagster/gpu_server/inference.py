@@ -81,6 +81,10 @@ class ModelSettings:
     cuda_graphs: bool = True
     # Seed for random weights, so two servers of one architecture hold the same model.
     seed: int = 0
+    # CPU only: torch threads of this process. CPU inference serves tests and demos where several
+    # servers and the pipeline share a few cores; one thread each avoids OpenMP spin-waits that made
+    # a tiny model 4-5x slower on a loaded 2-core machine. Raise it for a real model on a large CPU.
+    cpu_threads: int = 1
 
 
 @dataclass
@@ -168,6 +172,8 @@ class InferenceEngine:
         from transformers import AutoConfig, AutoTokenizer
 
         self._torch_device = torch.device(settings.device)
+        if self._torch_device.type == "cpu" and settings.cpu_threads > 0:
+            torch.set_num_threads(settings.cpu_threads)
         if self._torch_device.type == "cuda":
             torch.cuda.set_device(self._torch_device)
             torch.backends.cuda.matmul.allow_tf32 = settings.enable_tf32
