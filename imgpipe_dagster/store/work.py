@@ -132,9 +132,13 @@ def claim(
 
 
 def renew_leases(conn: psycopg.Connection, owner: str, lease_s: float) -> int:
+    """Extend the owner's leases. Rows an outcome write holds locked are skipped: they are leaving
+    the lease, and waiting on them (in whatever order the scan meets them) deadlocks with that write."""
     cur = conn.execute(
-        "UPDATE corpus_urls SET lease_expires_at = now() + make_interval(secs => %s)"
-        " WHERE state = 'leased' AND lease_owner = %s",
+        "UPDATE corpus_urls c SET lease_expires_at = now() + make_interval(secs => %s)"
+        " FROM (SELECT url_hash FROM corpus_urls WHERE state = 'leased' AND lease_owner = %s"
+        "       FOR UPDATE SKIP LOCKED) mine"
+        " WHERE c.url_hash = mine.url_hash",
         (lease_s, owner),
     )
     conn.commit()
