@@ -37,6 +37,8 @@ _FORMAT_ALIASES = {"text": "txt", "ndjson": "jsonl", "json": "jsonl", "pq": "par
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 # A line longer than this is not read into memory: it is counted as too long and skipped.
 MAX_LINE_BYTES = 64 << 20
+# Spreadsheet exports often start with a byte-order mark; it is not part of the first value.
+UTF8_BOM = b"\xef\xbb\xbf"
 # A text file whose first 64 KB is mostly control bytes or invalid UTF-8 is not a URL list.
 _SNIFF_BYTES = 64 << 10
 _BINARY_SHARE = 0.25
@@ -204,10 +206,13 @@ def _line_blocks(stream, block_bytes: int) -> Iterator[tuple[pa.Array, int, list
     next_line = 1
     skipping = False  # inside a line longer than MAX_LINE_BYTES
     too_long: list[int] = []
+    at_start = True
     while True:
         chunk = stream.read(block_bytes)
         if not chunk:
             break
+        if at_start:
+            chunk, at_start = chunk.removeprefix(UTF8_BOM), False
         if skipping:
             newline = chunk.find(b"\n")
             if newline < 0:
@@ -340,7 +345,7 @@ def read_jsonl(source: SourceFile, block_bytes: int, url_column: str) -> Iterato
 def _csv_header(source: SourceFile, delimiter: str) -> list[str]:
     with open_stream(source) as stream:
         head = stream.read(1 << 20)
-    first = head.split(b"\n", 1)[0].rstrip(b"\r")
+    first = head.removeprefix(UTF8_BOM).split(b"\n", 1)[0].rstrip(b"\r")
     text = first.decode("utf-8", "replace")
     if delimiter == "\t":
         return text.split("\t")

@@ -86,3 +86,15 @@ def test_values_round_trip_exactly(conn, urls_file, fmt):
     conn.rollback()
     assert stored == [(row["url"], row["caption"]) for row in rows]
 
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("bom.txt", "\ufeffhttps://a.com/1.jpg\nhttps://a.com/2.jpg\n"),
+    ("bom.csv", "\ufeffurl,caption\nhttps://a.com/1.jpg,x\nhttps://a.com/2.jpg,y\n"),
+    ("bom.jsonl", '\ufeff{"url": "https://a.com/1.jpg"}\n{"url": "https://a.com/2.jpg"}\n'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_value(conn, tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(data, encoding="utf-8")
+    report = ingest_files(conn, [path])
+    assert (report.added, report.rejected) == (2, 0)
