@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -140,13 +141,41 @@ def run_img2dataset(urls_file: Path, concurrency: int, output: Path) -> dict:
 
 def _run_side(args: list[str]) -> tuple[dict, float]:
     cpu_before = _children_cpu_s()
-    completed = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=False, timeout=900
+    # own process group: img2dataset forks workers, and a timeout must not leave them behind
+    process = subprocess.Popen(
+        [sys.executable, __file__, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=3600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise SystemExit(f"bench side {args[:2]} ran past an hour") from None
     cpu = _children_cpu_s() - cpu_before
-    if completed.returncode != 0:
-        raise SystemExit(f"bench side {args[:2]} failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1]), cpu
+    if process.returncode != 0:
+        raise SystemExit(f"bench side {args[:2]} failed:\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), cpu
+
+
+def _report(common: dict, name: str, side: dict, cpu: float) -> float:
+    rate = side["ok"] / side["wall_s"] if side["wall_s"] else 0.0
+    line = {
+        **common,
+        "impl": name,
+        "ok": side["ok"],
+        "wall_s": round(side["wall_s"], 2),
+        "images_per_s": round(rate, 1),
+        "cpu_s_per_image": round(cpu / max(1, side["ok"]), 4),
+        "peak_rss_mib": round(side["peak_rss_mib"], 1),
+    }
+    if side.get("errors"):
+        line["errors"] = side["errors"]
+    print(json.dumps(line), flush=True)
+    return rate
 
 
 def main() -> None:
@@ -203,6 +232,7 @@ def main() -> None:
                 str(args.threads),
             ]
         )
+        ours_rate = _report(common, "imgpipe", ours, ours_cpu)
         theirs, theirs_cpu = _run_side(
             [
                 "--side",
@@ -215,22 +245,7 @@ def main() -> None:
                 str(work / "img2dataset"),
             ]
         )
-        figures = {}
-        for name, side, cpu in (("imgpipe", ours, ours_cpu), ("img2dataset", theirs, theirs_cpu)):
-            rate = side["ok"] / side["wall_s"] if side["wall_s"] else 0.0
-            figures[name] = rate
-            line = {
-                **common,
-                "impl": name,
-                "ok": side["ok"],
-                "wall_s": round(side["wall_s"], 2),
-                "images_per_s": round(rate, 1),
-                "cpu_s_per_image": round(cpu / max(1, side["ok"]), 4),
-                "peak_rss_mib": round(side["peak_rss_mib"], 1),
-            }
-            if side.get("errors"):
-                line["errors"] = side["errors"]
-            print(json.dumps(line), flush=True)
+        figures = {"imgpipe": ours_rate, "img2dataset": _report(common, "img2dataset", theirs, theirs_cpu)}
         ratio = figures["imgpipe"] / figures["img2dataset"] if figures["img2dataset"] else float("inf")
         print(
             json.dumps(
