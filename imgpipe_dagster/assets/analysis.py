@@ -23,6 +23,7 @@ from imgpipe_dagster.engine.settings import engine_settings
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
+from imgpipe_dagster.status import write_router_snapshot
 from imgpipe_dagster.store.verify import verify
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
@@ -65,19 +66,23 @@ def image_analysis(
     fetcher: FetcherResource,
 ) -> MaterializeResult:
     shards = list(context.partition_keys)
+    run_tags = dict(context.run.tags)
+    profile = config.profile_name(run_tags)
     try:
-        worker, gpu = config.resolve()
+        worker, gpu = config.resolve(run_tags)
     except ProfileError as exc:
         raise Failure(str(exc)) from None
     model_path, tiny = gpu_model.resolved_model_path()
     if tiny:
         context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")
     endpoints = gpu_model.ensure_endpoints(gpu)
-    context.log.info(f"profile {config.profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
+    context.log.info(f"profile {profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
                      f"GPU servers {', '.join(endpoints)}")  # fmt: skip
 
     def progress(line: str, summary: dict) -> None:
         context.log.info(line)
+        # `imgpipe status` shows the breakers of live runs from these snapshots
+        write_router_snapshot(context.run_id, summary.get("router"))
 
     runner = ShardRunner(
         postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker)), endpoints,
@@ -97,7 +102,7 @@ def image_analysis(
     finished = counts["done"] + counts["failed_permanent"]
     failure_ratio = counts["failed_permanent"] / finished if finished else 0.0
     metadata = {
-        "profile": config.profile,
+        "profile": profile,
         "shards": MetadataValue.json(shards),
         "model": model_path + (" (tiny random test model: text is noise)" if tiny else ""),
         "urls_total": summary["urls_total"],

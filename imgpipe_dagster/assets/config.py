@@ -6,12 +6,13 @@ merged values are validated against the profile model (ranges, orderings) when t
 """
 
 
+from enum import Enum
 from typing import Optional
 
 from dagster import Config
 from pydantic import Field
 
-from imgpipe_dagster.profiles import GpuServerProfile, ProfileName, WorkerProfile, resolve
+from imgpipe_dagster.profiles import PROFILE_NAMES, GpuServerProfile, WorkerProfile, resolve
 
 
 def _overrides(model, name: str, doc: str) -> type[Config]:
@@ -30,12 +31,29 @@ GpuServerOverrides = _overrides(
 )
 
 
+# Jobs named after a profile carry it in this run tag: a run launched from their Launchpad with the
+# profile field left empty still gets the job's profile.
+PROFILE_TAG = "imgpipe/profile"
+DEFAULT_PROFILE = "medium"
+
+
+# Dagster config takes an optional Enum (not an optional Literal).
+Profile = Enum("Profile", {name: name for name in PROFILE_NAMES}, type=str)
+
+
 class ImageAnalysisConfig(Config):
-    profile: ProfileName = Field(
-        default="medium", description="conservative | medium | aggressive: base values from profiles/<name>.yaml"
+    profile: Optional[Profile] = Field(  # noqa: UP045 - Dagster reads typing.Optional
+        default=None,
+        description="conservative | medium | aggressive: base values from profiles/<name>.yaml; "
+        f"empty: the job's {PROFILE_TAG} tag, else {DEFAULT_PROFILE}",
     )
     worker: WorkerOverrides = Field(default_factory=WorkerOverrides)  # type: ignore[valid-type]
     gpu_server: GpuServerOverrides = Field(default_factory=GpuServerOverrides)  # type: ignore[valid-type]
 
-    def resolve(self) -> tuple[WorkerProfile, GpuServerProfile]:
-        return resolve(self.profile, self.worker.model_dump(), self.gpu_server.model_dump())
+    def profile_name(self, run_tags: dict | None = None) -> str:
+        if self.profile is not None:
+            return Profile(self.profile).value
+        return (run_tags or {}).get(PROFILE_TAG) or DEFAULT_PROFILE
+
+    def resolve(self, run_tags: dict | None = None) -> tuple[WorkerProfile, GpuServerProfile]:
+        return resolve(self.profile_name(run_tags), self.worker.model_dump(), self.gpu_server.model_dump())

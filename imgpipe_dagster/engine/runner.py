@@ -71,7 +71,7 @@ class ShardRunner:
         self.stats = RunStats()
         self.retry = RetryPolicy(settings.fetch_retry)
         self._outstanding = 0  # leased by us and not yet written
-        self._remaining = 0  # unfinished URLs of our shards at the last count
+        self._unfinished_at_start = 0  # URLs of our shards not final when the run began (for the ETA)
 
     # ------------------------------------------------------------------ entry point
 
@@ -91,9 +91,9 @@ class ShardRunner:
         try:
             counts = await self._db(work.shard_state_counts, self.shard_ids)
             self.stats.total_urls = sum(counts.values())
-            self._remaining = sum(counts[s] for s in work.UNFINISHED_STATES)
+            self._unfinished_at_start = sum(counts[s] for s in work.UNFINISHED_STATES)
             log.info("shard run %s: %d shards, %d URLs, %d unfinished, GPU servers: %s", self.owner,
-                     len(self.shard_ids), self.stats.total_urls, self._remaining, ", ".join(self.endpoints))
+                     len(self.shard_ids), self.stats.total_urls, self._unfinished_at_start, ", ".join(self.endpoints))
             await self._pipeline()
             counts = await self._db(work.shard_state_counts, self.shard_ids)
         finally:
@@ -195,8 +195,7 @@ class ShardRunner:
                     log.warning("counting unfinished work failed (%s); trying again", exc.__class__.__name__)
                     await asyncio.sleep(1.0)
                     continue
-                self._remaining = sum(counts[s] for s in work.UNFINISHED_STATES)
-                if self._remaining == 0:
+                if sum(counts[s] for s in work.UNFINISHED_STATES) == 0:
                     return
                 if counts["leased"] and not counts["pending"] and not counts["failed_retryable"]:
                     # Someone else holds the rest; a dead run's leases expire and become claimable.
@@ -406,7 +405,7 @@ class ShardRunner:
     async def _progress_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.run.progress_interval_s)
-            remaining = max(self._remaining - self.stats.finished, 0)
+            remaining = max(self._unfinished_at_start - self.stats.finished, 0)
             summary = self.stats.summary() | {"router": self._router.snapshot()}
             self.progress(self.stats.progress_line(remaining), summary)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
+from imgpipe_dagster.assets.config import PROFILE_TAG
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
 
 ANALYSIS = AssetSelection.assets("image_analysis")
-PROFILE_TAG = "imgpipe/profile"
 
 
 def analysis_job(profile: str):
