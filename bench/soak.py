@@ -11,8 +11,8 @@ whenever less than two shards of work are left.
     python bench/soak.py --minutes 3     # a short check
 
 Prints one JSON line per minute ({"minute": m, "rate_per_s", "run": {"rss_mb", "fds"}, "gpu0": ...})
-and a final line with the growth of each figure between the second minute (the baseline, after
-warm-up) and the last one, as a ratio and in absolute units.
+and a final line with the growth of each figure between the end of the warm-up (minute 3) and the
+last minute, and its least-squares trend per minute after the warm-up: flat means near zero.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import psutil  # noqa: E402
 from imgpipe_dagster.store import database as db  # noqa: E402
 
 SHARD_SIZE = 200
+WARMUP_MINUTES = 3  # pools, caches and allocators fill in these; trends are measured after them
 SHARDS_PER_RUN = 4  # as image_analysis's backfill policy
 FAULTY_SHARE = 0.25
 # Faults in the steady mix (short-delay variants): cheap ones mostly, a few that hold a connection
@@ -133,6 +134,17 @@ def growth(first: dict, last: dict) -> dict:
     return out
 
 
+def slope_per_minute(values: list[float]) -> float | None:
+    """Least-squares change per minute: a leak shows as a steady positive slope, noise does not."""
+    points = [(i, v) for i, v in enumerate(values) if v is not None]
+    if len(points) < 3:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    return round(sum((x - mean_x) * (y - mean_y) for x, y in points) / spread, 3)
+
+
 def driver_main(args: argparse.Namespace) -> int:
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
     from imgpipe_dagster.gpu_server.settings import ServerSettings
@@ -216,14 +228,20 @@ def driver_main(args: argparse.Namespace) -> int:
                     next_sample += 60 * args.minutes / samples
                 time.sleep(1.0)
             stop_file.touch()
-            baseline = minutes[1] if len(minutes) > 2 else (minutes[0] if minutes else None)
+            baseline = minutes[min(WARMUP_MINUTES, len(minutes)) - 1] if minutes else None
             if baseline is not None:
                 last = minutes[-1]
                 rates = [m["rate_per_s"] for m in minutes[1:]] or [minutes[0]["rate_per_s"]]
                 emit(event="summary", minutes=len(minutes), duration_s=round(time.monotonic() - started, 1),
                      urls_final=last["urls_final"], rate_per_s_mean=round(sum(rates) / len(rates), 2),
                      rate_per_s_min=min(rates), rate_per_s_max=max(rates), baseline_minute=baseline["minute"],
-                     **{name: growth(baseline[name], last[name]) for name in ("run", "gpu0", "gpu1", "driver")})  # fmt: skip
+                     **{name: growth(baseline[name], last[name]) for name in ("run", "gpu0", "gpu1", "driver")},
+                     # after the warm-up minutes: the trend per minute of each figure
+                     slope_per_minute={
+                         name: {key: slope_per_minute([m[name][key] for m in minutes[WARMUP_MINUTES:]])
+                                for key in ("rss_mb", "fds", "threads")}
+                         for name in ("run", "gpu0", "gpu1", "driver")
+                     })  # fmt: skip
     finally:
         stop_file.touch()
         if worker is not None:
