@@ -129,3 +129,35 @@ def image_server():
 
     with ImageServer() as server:
         yield server
+
+
+# Every process a test session starts inherits this mark, so the session can prove it left none behind.
+SESSION_MARK = "IMGPIPE_TEST_SESSION"
+
+
+def pytest_sessionstart(session):
+    os.environ[SESSION_MARK] = str(os.getpid())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop (and report) any process this session started and left running: GPU servers, image
+    servers, Dagster daemons. `make test` must leave no stray process."""
+    import psutil
+
+    me = str(os.getpid())
+    strays = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid == os.getpid():
+            continue
+        try:
+            if process.environ().get(SESSION_MARK) == me:
+                strays.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    for process in strays:
+        print(f"\nstray process left by the tests, stopping it: {process.pid} {' '.join(process.info['cmdline'] or [])[:160]}")
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(strays, timeout=10)
