@@ -90,6 +90,16 @@ def report_metadata(report: IngestReport, partitions_added: int) -> dict:
     }
 
 
+def _sync_after(context: AssetExecutionContext, conn) -> list[str]:
+    try:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()
+        return sync_partitions_in_instance(context.instance, conn)
+    except (psycopg.Error, OSError) as exc:  # never hide the ingest's own failure behind this one
+        context.log.warning(f"could not sync url_shards partitions: {exc}")
+        return []
+
+
 @asset(
     name="url_corpus",
     kinds={"postgres"},
@@ -107,9 +117,7 @@ def url_corpus(context: AssetExecutionContext, config: UrlCorpusConfig, postgres
             raise Failure(description=str(exc)) from exc
         finally:
             # Also after a failure: files before the bad one were committed and their shards must show.
-            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                conn.rollback()
-            added = sync_partitions_in_instance(context.instance, conn)
+            added = _sync_after(context, conn)
     context.log.info(
         f"ingested {report.rows_read:,} rows: {report.added:,} new URLs in {len(report.shards_added)} shards, "
         f"{report.duplicates:,} duplicates, {report.rejected:,} rejected {json.dumps(report.rejected_by_reason)}"

@@ -72,6 +72,16 @@ def _register_partitions(conn) -> int:
     return len(sync_partitions_in_dagster_home(conn))
 
 
+def _register_partitions_safely(conn) -> int | None:
+    """Also runs after a failed ingest (earlier files were committed); never hides that failure."""
+    try:
+        conn.rollback()  # leave no failed transaction behind before reading the shard list
+        return _register_partitions(conn)
+    except Exception as exc:  # noqa: BLE001 - reported, and the next ingest or the asset catches up
+        print(f"imgpipe ingest: could not register url_shards partitions: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from imgpipe_dagster.cli import prepare_environment
 
@@ -84,14 +94,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"imgpipe ingest: {exc}", file=sys.stderr)
             return 2
         finally:
-            if not args.no_partitions:
-                conn.rollback()  # leave no failed transaction behind before reading the shard list
-                added = _register_partitions(conn)
+            added = None if args.no_partitions else _register_partitions_safely(conn)
     if args.json:
-        print(json.dumps(report.as_dict() | {"partitions_added": None if args.no_partitions else added},
-                         ensure_ascii=False))
+        print(json.dumps(report.as_dict() | {"partitions_added": added}, ensure_ascii=False))
     else:
         print(_summary(report))
-        if not args.no_partitions:
+        if added is not None:
             print(f"Dagster: {added} url_shards partitions added (DAGSTER_HOME={os.environ.get('DAGSTER_HOME')})")
     return 0
