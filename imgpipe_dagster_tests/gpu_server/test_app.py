@@ -58,7 +58,9 @@ def server_settings(model_dir: Path) -> ServerSettings:
         device="cpu",
         max_new_tokens=8,
         bearer_token=TOKEN,
+        # Batches of exactly BATCH images (from at most BATCH requests): batching and a filled queue are deterministic.
         max_inference_batch_size=BATCH,
+        max_batch_images=BATCH,
         batch_wait_timeout=30.0,
         max_inference_queue_size=8,
         max_concurrent_generations=1,

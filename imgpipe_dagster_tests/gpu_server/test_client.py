@@ -46,6 +46,7 @@ def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         bearer_token=TOKEN,
         # Batches of exactly 2 (the wait outlasts any test): batching and a filled queue are deterministic.
         max_inference_batch_size=2,
+        max_batch_images=2,
         batch_wait_timeout=30.0,
         max_inference_queue_size=8,
         max_concurrent_generations=1,
