@@ -8,7 +8,16 @@ import json
 import time
 
 import psycopg
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from imgpipe_dagster.corpus import CorpusInputError, IngestReport, ingest_files, sync_shard_partitions
@@ -100,9 +109,15 @@ def _sync_after(context: AssetExecutionContext, conn) -> list[str]:
         return []
 
 
+CHECK_PARTITIONS = "partitions_match_shards"
+
+
 @asset(
     name="url_corpus",
     kinds={"postgres"},
+    group_name="corpus",
+    check_specs=[AssetCheckSpec(CHECK_PARTITIONS, asset="url_corpus",
+                                description="the url_shards partitions are exactly the shards table's ids")],
     description="URL files ingested into corpus_urls (normalised, deduplicated) and cut into url_shards partitions.",
 )
 def url_corpus(context: AssetExecutionContext, config: UrlCorpusConfig, postgres: PostgresResource) -> MaterializeResult:
@@ -122,4 +137,14 @@ def url_corpus(context: AssetExecutionContext, config: UrlCorpusConfig, postgres
         f"ingested {report.rows_read:,} rows: {report.added:,} new URLs in {len(report.shards_added)} shards, "
         f"{report.duplicates:,} duplicates, {report.rejected:,} rejected {json.dumps(report.rejected_by_reason)}"
     )
-    return MaterializeResult(metadata=report_metadata(report, len(added)))
+    with postgres.connect() as conn:
+        shards = {row[0] for row in conn.execute("SELECT shard_id FROM shards").fetchall()}
+    partitions = set(context.instance.get_dynamic_partitions(url_shards.name))
+    check = AssetCheckResult(
+        check_name=CHECK_PARTITIONS,
+        passed=shards == partitions,
+        metadata={"shards": len(shards), "partitions": len(partitions),
+                  "missing_partitions": MetadataValue.json(sorted(shards - partitions)[:20]),
+                  "partitions_without_shard": MetadataValue.json(sorted(partitions - shards)[:20])},
+    )  # fmt: skip
+    return MaterializeResult(metadata=report_metadata(report, len(added)), check_results=[check])

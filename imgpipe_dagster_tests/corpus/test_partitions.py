@@ -64,6 +64,9 @@ def test_asset_registers_partitions_and_reports_figures(conn, dagster_instance, 
     assert metadata["rejected_by_reason"] == {"unsupported_scheme": 1, "credentials": 1}
     assert metadata["shards_added"] == metadata["partitions_added"] == 6  # 25 -> 3 shards, 25 new -> 3 shards
     assert (metadata["corpus_urls"], metadata["corpus_shards"], metadata["corpus_files"]) == (50, 6, 2)
+    assert [(c.check_name, c.passed) for c in result.get_asset_check_evaluations()] == [
+        ("partitions_match_shards", True)
+    ]
     assert metadata["urls_per_s"] > 0 and metadata["elapsed_s"] > 0
     assert partitions(dagster_instance) == table_shards(conn)
 

@@ -33,5 +33,8 @@ def test_asset_graph_and_jobs_snapshot():
     assert edges == [("image_analysis", "progress_report"), ("url_corpus", "image_analysis")]
     checks = sorted(k.name for k in graph.asset_check_keys if k.asset_key == AssetKey("image_analysis"))
     assert checks == ["analyses_parse", "every_url_final", "failure_ratio"]
+    assert [k.name for k in graph.asset_check_keys if k.asset_key == AssetKey("url_corpus")] == [
+        "partitions_match_shards"
+    ]
     jobs = sorted(job.name for job in defs.resolve_all_job_defs() if not job.name.startswith("__"))
     assert {"analyze_conservative", "analyze_medium", "analyze_aggressive", "ingest_corpus"} <= set(jobs)
