@@ -11,6 +11,25 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+# Shared by the corpus test files.
+URLS = [f"https://img{i % 7}.example.com/photos/{i}.jpg" for i in range(25)]
+
+
+def corpus(conn) -> list[tuple]:
+    return conn.execute("SELECT shard_id, url, source_line FROM corpus_urls ORDER BY shard_id, source_line").fetchall()
+
+
+def shards(conn) -> list[tuple]:
+    return conn.execute("SELECT shard_id, shard_no, url_count FROM shards ORDER BY shard_no").fetchall()
+
+
+def nothing_written(conn) -> bool:
+    counts = conn.execute(
+        "SELECT (SELECT count(*) FROM corpus_files), (SELECT count(*) FROM shards), (SELECT count(*) FROM corpus_urls)"
+    ).fetchone()
+    conn.rollback()
+    return counts == (0, 0, 0)
+
 
 def compress(path: Path, data: bytes) -> Path:
     if path.name.endswith(".gz"):
