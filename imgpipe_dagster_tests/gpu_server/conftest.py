@@ -15,3 +15,10 @@ def make_image_bytes(seed: int, width: int = 112, height: int = 112, fmt: str = 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def jpeg(color: str, size: int = 56) -> bytes:
+    """A small solid-colour JPEG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
+    return buffer.getvalue()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,25 +11,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from PIL import Image
 
 from imgpipe_dagster.gpu_server import wire
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
 from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster_tests.gpu_server.conftest import jpeg
+from imgpipe_dagster_tests.support import free_port
 
 TOKEN = "test-token-123"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def jpeg(color: str, size: int = 56) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -209,8 +196,9 @@ def test_health_reports_legacy_and_new_fields(server: Server) -> None:
 
 def test_health_answers_while_a_batch_generates(server: Server) -> None:
     with ThreadPoolExecutor(1) as pool:
+        # several batches back to back, so the poll below has more than one generate() to catch
         pending = pool.submit(
-            post_images, server.url, [jpeg(color) for color in ("red", "blue", "gray", "white")]
+            post_images, server.url, [jpeg(color) for color in ("red", "blue", "gray", "white", "green", "navy")]
         )
         seen_generating = False
         while not pending.done() and not seen_generating:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from imgpipe_dagster.gpu_server.client import (
     GpuClient,
@@ -22,20 +19,10 @@ from imgpipe_dagster.gpu_server.client import (
 )
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
 from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster_tests.gpu_server.conftest import jpeg
+from imgpipe_dagster_tests.support import free_port
 
 TOKEN = "client-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def jpeg(color: str, size: int = 56) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
