@@ -50,6 +50,11 @@ class GpuModelResource(ConfigurableResource):
     idle_timeout_s: float = Field(default=900.0, description="managed servers exit after this long unused")
     startup_timeout_s: float = Field(default=900.0)
     token: str | None = Field(default=None, description=f"bearer token; empty means ${TOKEN_ENV}")
+    compile_model: bool = Field(
+        default=True,
+        description="GPU servers: torch.compile the vision tower and the language step (the measured H200 "
+        "figures used it; the first batch pays the compile time). Ignored on the CPU.",
+    )
 
     def bearer_token(self) -> str | None:
         return self.token or os.environ.get(TOKEN_ENV) or None
@@ -92,7 +97,8 @@ class GpuModelResource(ConfigurableResource):
             use_fp16=profile.use_fp16,
             enable_tf32=profile.enable_tf32,
             use_flash_attention=profile.use_flash_attention,
-            max_new_tokens=profile.max_new_tokens,
+            max_new_tokens=self.max_new_tokens(profile, tiny),
+            engine_options={"compile_vision": self.compile_model, "compile_language": self.compile_model},
             port=self.resolved_base_port(),
             model_path=model_path,
             bearer_token=self.bearer_token(),
