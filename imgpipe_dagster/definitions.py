@@ -5,10 +5,10 @@ from dagster import Definitions
 from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.corpus import url_corpus
 from imgpipe_dagster.assets.report import progress_report
+from imgpipe_dagster.jobs import ANALYSIS_JOBS, INGEST_JOB, REPORT_JOB
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.schedules import SCHEDULES
 from imgpipe_dagster.sensors import SENSORS
-from imgpipe_dagster.sensors.jobs import ANALYSIS_JOBS, INGEST_JOB, REPORT_JOB
 
 defs = Definitions(
     assets=[url_corpus, image_analysis, progress_report],

@@ -20,8 +20,8 @@ import time
 
 from dagster import DefaultScheduleStatus, ScheduleEvaluationContext, SkipReason, schedule
 
+from imgpipe_dagster.jobs import ANALYSIS_JOBS
 from imgpipe_dagster.resources import PostgresResource
-from imgpipe_dagster.sensors.jobs import ANALYSIS_JOBS
 from imgpipe_dagster.sensors.throttle import (
     MAX_RETRIES_PER_CAUSE,
     RETRY_MEMORY_HOURS,

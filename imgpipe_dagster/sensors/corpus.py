@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from imgpipe_dagster.sensors.jobs import INGEST_JOB
+from imgpipe_dagster.jobs import INGEST_JOB
 
 CORPUS_DIR_ENV = "IMGPIPE_CORPUS_DIR"
 URL_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")

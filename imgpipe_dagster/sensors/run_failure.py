@@ -29,8 +29,8 @@ from dagster._core.storage.tags import (
     WILL_RETRY_TAG,
 )
 
+from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
 from imgpipe_dagster.resources import PostgresResource
-from imgpipe_dagster.sensors.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
 from imgpipe_dagster.sensors.throttle import (
     KIND_TAG,
     MAX_RETRIES_PER_CAUSE,

@@ -56,10 +56,10 @@ from dagster._core.storage.tags import (
 )
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.profiles import PROFILE_NAMES
 from imgpipe_dagster.resources import GpuModelResource, PostgresResource
-from imgpipe_dagster.sensors.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
 from imgpipe_dagster.throttle import queries
 from imgpipe_dagster.throttle.decide import (
     Decision,

@@ -6,8 +6,8 @@ import os
 from dagster import DefaultSensorStatus, Definitions
 
 from imgpipe_dagster.assets.analysis import image_analysis
+from imgpipe_dagster.jobs import ANALYSIS_JOBS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
-from imgpipe_dagster.sensors.jobs import ANALYSIS_JOBS
 from imgpipe_dagster.sensors.throttle import build_throttle_sensor
 from imgpipe_dagster.throttle import ThrottleSettings
 
