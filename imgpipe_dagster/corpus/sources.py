@@ -248,6 +248,16 @@ def _strip_newline(lines: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return stripped, blank
 
 
+def _numbered_rows(lines: pa.Array, first: int) -> tuple[pa.Array, np.ndarray]:
+    """A block's lines without line endings and without blank lines, with their 1-based line numbers."""
+    values, blank = _strip_newline(lines)
+    numbers = first + np.arange(len(values), dtype=np.int64)
+    if blank.any():
+        keep = pa.array(~blank)
+        values, numbers = values.filter(keep), numbers[~blank]
+    return values, numbers
+
+
 def _too_long_batch(numbers: list[int]) -> RawBatch:
     return RawBatch(
         urls=pa.array([b"<line longer than 64 MB>"] * len(numbers), pa.large_binary()),
@@ -261,11 +271,7 @@ def read_txt(source: SourceFile, block_bytes: int) -> Iterator[RawBatch]:
         for lines, first, too_long, _block in _line_blocks(stream, block_bytes):
             if too_long:
                 yield _too_long_batch(too_long)
-            values, blank = _strip_newline(lines)
-            numbers = first + np.arange(len(values), dtype=np.int64)
-            if blank.any():
-                keep = pa.array(~blank)
-                values, numbers = values.filter(keep), numbers[~blank]
+            values, numbers = _numbered_rows(lines, first)
             if len(values):
                 yield RawBatch(urls=values, lines=numbers)
 
@@ -308,11 +314,7 @@ def read_jsonl(source: SourceFile, block_bytes: int, url_column: str) -> Iterato
         for lines, first, too_long, block in _line_blocks(stream, block_bytes):
             if too_long:
                 yield _too_long_batch(too_long)
-            values, blank = _strip_newline(lines)
-            numbers = first + np.arange(len(values), dtype=np.int64)
-            if blank.any():
-                keep = pa.array(~blank)
-                values, numbers = values.filter(keep), numbers[~blank]
+            values, numbers = _numbered_rows(lines, first)
             if not len(values):
                 continue
             urls = objects = reasons = None
