@@ -9,6 +9,8 @@ whenever less than two shards of work are left.
 
     python bench/soak.py                 # 15 minutes
     python bench/soak.py --minutes 3     # a short check
+    python bench/soak.py --trace         # + the run process' Python heap (tracemalloc) per minute and
+                                         #   the allocation sites that grew after the warm-up
 
 Prints one JSON line per minute ({"minute": m, "rate_per_s", "run": {"rss_mb", "fds"}, "gpu0": ...})
 and a final line with the growth of each figure between the end of the warm-up (minute 3) and the
@@ -63,7 +65,43 @@ def emit(**fields) -> None:
 # ----------------------------------------------------------------------------- the run process
 
 
-def worker_main(database_url: str, endpoints: str, stop_file: str) -> int:
+def start_heap_trace(interval_s: float = 60.0, frames: int = 8):
+    """tracemalloc in the run process: the Python heap's size every interval (on stdout), so RSS growth
+    can be told apart from allocator fragmentation; returns a function that prints the allocation sites
+    that grew most since the warm-up snapshot."""
+    import threading
+    import tracemalloc
+
+    tracemalloc.start(frames)
+    started = time.monotonic()
+    marks: dict[str, tracemalloc.Snapshot] = {}
+
+    def sample() -> None:
+        minute = 0
+        while True:
+            time.sleep(interval_s)
+            minute += 1
+            current, peak = tracemalloc.get_traced_memory()
+            emit(event="heap", minute=minute, traced_mb=round(current / 2**20, 2), peak_mb=round(peak / 2**20, 2),
+                 rss_mb=round(psutil.Process().memory_info().rss / 2**20, 1))  # fmt: skip
+            if minute == WARMUP_MINUTES:
+                marks["warm"] = tracemalloc.take_snapshot()
+
+    threading.Thread(target=sample, daemon=True, name="heap-trace").start()
+
+    def report(top: int = 12) -> None:
+        if "warm" not in marks:
+            return
+        diff = tracemalloc.take_snapshot().compare_to(marks["warm"], "traceback")
+        for stat in diff[:top]:
+            emit(event="heap_growth", kib=round(stat.size_diff / 1024, 1), blocks=stat.count_diff,
+                 minutes_after_warmup=round((time.monotonic() - started) / 60 - WARMUP_MINUTES, 1),
+                 where=[f"{frame.filename.replace(str(REPO) + '/', '')}:{frame.lineno}" for frame in stat.traceback])
+
+    return report
+
+
+def worker_main(database_url: str, endpoints: str, stop_file: str, trace: bool = False) -> int:
     """Run the engine over unfinished shards until the stop file appears."""
     import logging
 
@@ -72,6 +110,7 @@ def worker_main(database_url: str, endpoints: str, stop_file: str) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="[soak-run] %(levelname)s %(name)s: %(message)s")
     settings = chaos_engine_settings()
+    report = start_heap_trace() if trace else None
     runs = 0
     while not os.path.exists(stop_file):
         with db.connect(database_url) as conn:
@@ -85,6 +124,8 @@ def worker_main(database_url: str, endpoints: str, stop_file: str) -> int:
         runs += 1
         ShardRunner(database_url, f"soak-run-{runs}", shards, settings, endpoints.split(","),
                     progress=lambda line, summary: None).run()  # fmt: skip
+    if report is not None:
+        report()
     return 0
 
 
@@ -187,7 +228,7 @@ def driver_main(args: argparse.Namespace) -> int:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
             worker = subprocess.Popen(
                 [sys.executable, __file__, "--worker", database_url, ",".join(e.url for e in endpoints),
-                 str(stop_file)], env=env, cwd=REPO,
+                 str(stop_file), *(["--trace"] if args.trace else [])], env=env, cwd=REPO,
             )  # fmt: skip
             started = time.monotonic()
             emit(event="started", minutes=args.minutes, shard_size=SHARD_SIZE, faulty_share=FAULTY_SHARE,
@@ -246,7 +287,7 @@ def driver_main(args: argparse.Namespace) -> int:
         stop_file.touch()
         if worker is not None:
             try:
-                worker.wait(timeout=60)
+                worker.wait(timeout=180)  # it finishes the shard run in progress (and its heap report)
             except subprocess.TimeoutExpired:
                 worker.send_signal(signal.SIGKILL)
                 worker.wait()
@@ -263,11 +304,13 @@ def driver_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="how long to run (default 15)")
+    parser.add_argument("--trace", action="store_true",
+                        help="tracemalloc in the run process: Python heap size per minute and the sites that grew")
     parser.add_argument("--worker", nargs=3, metavar=("DATABASE_URL", "ENDPOINTS", "STOP_FILE"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(*args.worker)
+        return worker_main(*args.worker, trace=args.trace)
     return driver_main(args)
 
 
