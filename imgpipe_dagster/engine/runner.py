@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from imgpipe_dagster.engine.memory import release_free_memory
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.stats import RunStats
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
@@ -104,6 +105,7 @@ class ShardRunner:
                     log.warning("returned %d leased URLs to pending (run ended early)", released)
             finally:
                 pool.close()
+                release_free_memory()
         summary = self.stats.summary()
         summary["final_state_counts"] = counts
         summary["router"] = self._router_snapshot
@@ -408,6 +410,7 @@ class ShardRunner:
             remaining = max(self._unfinished_at_start - self.stats.finished, 0)
             summary = self.stats.summary() | {"router": self._router.snapshot()}
             self.progress(self.stats.progress_line(remaining), summary)
+            release_free_memory()  # keeps a long run's RSS flat (see engine/memory.py)
 
 
 def _fetch_columns(result: FetchResult) -> dict:
