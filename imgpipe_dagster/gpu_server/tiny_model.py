@@ -190,6 +190,18 @@ def tiny_config_dict(vocab_size: int, special_base_id: int, arch: str = "qwen2_v
     )
 
 
+def randomise_biases_and_norms(model) -> None:
+    """Default init leaves biases and norm weights at 0/1; random values make every weight matter to tests."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+            elif "norm" in name or "ln_q" in name:
+                param.uniform_(0.8, 1.2)
+
+
 # A file in the checkpoint folder that marks it as the tiny random test model.
 TINY_MODEL_MARKER = "IMGPIPE_TINY_RANDOM_MODEL"
 
@@ -211,13 +223,7 @@ def build_tiny_model(out_dir: str | Path, arch: str = "qwen2_vl", seed: int = 0)
     config = AutoConfig.from_pretrained(out, local_files_only=True)
     torch.manual_seed(seed)
     model = _model_class(config.model_type)._from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        # Default init leaves biases and norms at 0/1; random values make every weight matter to tests.
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02)
-            elif "norm" in name or "ln_q" in name:
-                param.uniform_(0.8, 1.2)
+    randomise_biases_and_norms(model)
     model.save_pretrained(out, safe_serialization=True)
     # save_pretrained rewrites config.json in the installed transformers' own layout; that is fine.
     (out / TINY_MODEL_MARKER).write_text("random weights built by imgpipe make-tiny-model: its text is noise\n")
