@@ -6,13 +6,14 @@ multimodal rope positions in a Python loop per sample, and the vision tower loop
 Here:
 - vision: equal-size images run as one batched attention call per chunk (no per-image loop), the
   patch embedding folds the repeated still frame into one matmul, blocks optionally compiled;
+  Qwen2.5-VL's window attention runs as one batched call per window shape (at most four per size);
 - prefill: rows in chunks, writing keys/values straight into a static cache; rope positions come
   precomputed from ``InferenceEngine.prepare`` (CPU side);
 - decode: one step function over static buffers (tokens, step counter, cache) that advances its own
   state, so the host loop is ``graph.replay()`` per token, captured once per (rows, cache length).
 
-Math follows transformers' Qwen2-VL modules op for op (tests compare logits and tokens with
-``model.generate`` on the tiny model).
+Math follows transformers' Qwen2-VL / Qwen2.5-VL modules op for op (tests compare vision features
+with ``model.model.visual`` and tokens with ``model.generate`` on the tiny models).
 """
 
 from __future__ import annotations
@@ -80,21 +81,54 @@ def _attn_out_mlp(x, attn, wo, ln_w, eps, wgu, wd):
     return x + F.linear(F.silu(gate) * up, wd)
 
 
-def _vision_block(x, cos, sin, n1w, n1b, wqkv, bqkv, wproj, bproj, n2w, n2b, w1, b1, w2, b2, heads, act):
-    """One Qwen2-VL vision block on equal-size images. x (n, P, E); cos/sin (P, D) float32."""
-    n, p, e = x.shape
-    d = e // heads
-    h = F.layer_norm(x, (e,), n1w, n1b, 1e-6)
-    q, k, v = F.linear(h, wqkv, bqkv).view(n, p, 3, heads, d).unbind(2)
+def _vision_qkv(h, wqkv, bqkv, cos, sin, heads):
+    """Fused qkv projection + rope (applied in float32, as transformers does).
+    h (n, P, E) -> q, k, v (n, P, heads, D); cos/sin (P, D) float32."""
+    n, p, e = h.shape
+    q, k, v = F.linear(h, wqkv, bqkv).view(n, p, 3, heads, e // heads).unbind(2)
     cos = cos.unsqueeze(-2)
     sin = sin.unsqueeze(-2)
     qf, kf = q.float(), k.float()
-    q = (qf * cos + _rotate_half(qf) * sin).to(x.dtype)
-    k = (kf * cos + _rotate_half(kf) * sin).to(x.dtype)
+    q = (qf * cos + _rotate_half(qf) * sin).to(h.dtype)
+    k = (kf * cos + _rotate_half(kf) * sin).to(h.dtype)
+    return q, k, v
+
+
+def _vision_block(x, cos, sin, n1w, n1b, wqkv, bqkv, wproj, bproj, n2w, n2b, w1, b1, w2, b2, heads, act):
+    """One Qwen2-VL vision block on equal-size images. x (n, P, E); cos/sin (P, D) float32."""
+    n, p, e = x.shape
+    h = F.layer_norm(x, (e,), n1w, n1b, 1e-6)
+    q, k, v = _vision_qkv(h, wqkv, bqkv, cos, sin, heads)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     x = x + F.linear(o.transpose(1, 2).reshape(n, p, e), wproj, bproj)
     h = F.layer_norm(x, (e,), n2w, n2b, 1e-6)
     return x + F.linear(act(F.linear(h, w1, b1)), w2, b2)
+
+
+def _windowed_vision_block(x, cos, sin, segments, n1w, wqkv, bqkv, wproj, bproj, n2w, wgu, bgu, wd, bd, heads, act):
+    """One Qwen2.5-VL vision block on equal-size images whose tokens are laid out window by window.
+
+    x (n, P, E); cos/sin (P, D) float32. segments: ((windows, tokens per window), ...) covering the P
+    tokens in order; attention stays inside each window. A full-attention block passes ((1, P),).
+    The segments are shape constants of the image size, so the loop unrolls the same way each call.
+    """
+    n, p, e = x.shape
+    d = e // heads
+    h = _rms_norm(x, n1w, 1e-6)
+    q, k, v = _vision_qkv(h, wqkv, bqkv, cos, sin, heads)
+    outs = []
+    start = 0
+    for windows, length in segments:
+        end = start + windows * length
+        qw, kw, vw = (t[:, start:end].reshape(n * windows, length, heads, d).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qw, kw, vw)
+        outs.append(o.transpose(1, 2).reshape(n, end - start, e))
+        start = end
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    x = x + F.linear(o, wproj, bproj)
+    h = _rms_norm(x, n2w, 1e-6)
+    gate, up = F.linear(h, wgu, bgu).chunk(2, dim=-1)
+    return x + F.linear(act(gate) * up, wd, bd)
 
 
 class _CompiledOrEager:
@@ -164,6 +198,18 @@ class _DecodeState:
     graph: object | None = None
 
 
+@dataclass(frozen=True)
+class _WindowLayout:
+    """Qwen2.5-VL window attention for one image size (see FastQwenVL._window_layout)."""
+
+    order: torch.Tensor  # (units,) merged-unit index at each position of the window order
+    restore: torch.Tensor  # (units,) inverse of order
+    window_segments: tuple[tuple[int, int], ...]  # (windows, tokens per window) per window shape
+    full_segments: tuple[tuple[int, int], ...]  # ((1, all tokens),)
+    cos: torch.Tensor  # (tokens, head_dim) rope in window order
+    sin: torch.Tensor
+
+
 class FastQwenVL:
     def __init__(self, model, config, dtype: torch.dtype, settings):
         self.model = model
@@ -199,18 +245,20 @@ class FastQwenVL:
         self.image_token_id = config.image_token_id
 
         self.visual = inner.visual
-        self.fast_vision = self.model_type == "qwen2_vl"
+        self.fast_vision = self.model_type in ("qwen2_vl", "qwen2_5_vl")
+        # Qwen2.5-VL: RMSNorm + SwiGLU blocks, attention inside windows except at a few full blocks.
+        self.windowed_vision = self.model_type == "qwen2_5_vl"
         if self.fast_vision:
             self._init_vision(config.vision_config)
 
         self._attn_in = _attn_in
         self._attn_out_mlp = _attn_out_mlp
-        self._vision_block = _vision_block
+        self._vision_block = _windowed_vision_block if self.windowed_vision else _vision_block
         if settings.compile_language:
             self._attn_in = _CompiledOrEager(_attn_in)
             self._attn_out_mlp = _CompiledOrEager(_attn_out_mlp)
         if settings.compile_vision and self.fast_vision:
-            self._vision_block = _CompiledOrEager(_vision_block)
+            self._vision_block = _CompiledOrEager(self._vision_block)
         if settings.compile_language or settings.compile_vision:
             import torch._dynamo as dynamo
 
@@ -220,6 +268,7 @@ class FastQwenVL:
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
         self._graph_pool = None
         self._rope_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._window_layouts: dict[tuple[int, int], _WindowLayout] = {}
         self.last_timings: dict = {}
 
     # ------------------------------------------------------------ weights
@@ -255,32 +304,58 @@ class FastQwenVL:
     def _init_vision(self, vcfg) -> None:
         vis = self.visual
         self.v_heads = vcfg.num_heads
-        self.v_embed = vcfg.embed_dim
         self.v_act = _VISION_ACTS[getattr(vcfg, "hidden_act", "quick_gelu")]
         self.merge = vcfg.spatial_merge_size
         w = vis.patch_embed.proj.weight.detach()  # (E, 3, T, p, p)
+        self.v_embed = w.shape[0]
         # The still frame is repeated over the temporal patch, so sum the kernel's time slices.
         self.patch_w = w.float().sum(dim=2).reshape(w.shape[0], -1).to(w.dtype)
-        self.v_blocks = []
-        for blk in vis.blocks:
-            self.v_blocks.append(
-                tuple(
-                    t.detach()
-                    for t in (
-                        blk.norm1.weight, blk.norm1.bias, blk.attn.qkv.weight, blk.attn.qkv.bias,
-                        blk.attn.proj.weight, blk.attn.proj.bias, blk.norm2.weight, blk.norm2.bias,
-                        blk.mlp.fc1.weight, blk.mlp.fc1.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias,
+        m = vis.merger
+        if self.windowed_vision:
+            self.v_blocks = [self._fuse_windowed_vision_block(blk) for blk in vis.blocks]
+            self.merger = (m.ln_q.weight.detach(), m.mlp[0].weight.detach(), m.mlp[0].bias.detach(),
+                           m.mlp[2].weight.detach(), m.mlp[2].bias.detach())
+            # window side in merged units (window_size is in pixels)
+            self.v_window = vcfg.window_size // self.merge // vcfg.patch_size
+            self.v_full_blocks = frozenset(vcfg.fullatt_block_indexes)
+        else:
+            self.v_blocks = []
+            for blk in vis.blocks:
+                self.v_blocks.append(
+                    tuple(
+                        t.detach()
+                        for t in (
+                            blk.norm1.weight, blk.norm1.bias, blk.attn.qkv.weight, blk.attn.qkv.bias,
+                            blk.attn.proj.weight, blk.attn.proj.bias, blk.norm2.weight, blk.norm2.bias,
+                            blk.mlp.fc1.weight, blk.mlp.fc1.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias,
+                        )
                     )
                 )
-            )
-        m = vis.merger
-        self.merger = (m.ln_q.weight.detach(), m.ln_q.bias.detach(), m.mlp[0].weight.detach(),
-                       m.mlp[0].bias.detach(), m.mlp[2].weight.detach(), m.mlp[2].bias.detach())
+            self.merger = (m.ln_q.weight.detach(), m.ln_q.bias.detach(), m.mlp[0].weight.detach(),
+                           m.mlp[0].bias.detach(), m.mlp[2].weight.detach(), m.mlp[2].bias.detach())
         rope = getattr(vcfg, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0
         spatial = (self.v_embed // self.v_heads) // 2
         self.v_inv_freq = (1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))).to(
             self.device
+        )
+
+    @torch.no_grad()
+    def _fuse_windowed_vision_block(self, blk) -> tuple:
+        """Qwen2.5-VL block weights with gate/up fused into one matmul; the HF modules are pointed at
+        views of the fused tensors (as for the text layers), so nothing is held twice."""
+        mlp = blk.mlp
+        wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0).contiguous()
+        bgu = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], dim=0).contiguous()
+        inter = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = wgu[:inter], wgu[inter:]
+        mlp.gate_proj.bias.data, mlp.up_proj.bias.data = bgu[:inter], bgu[inter:]
+        return tuple(
+            t.detach()
+            for t in (
+                blk.norm1.weight, blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.proj.weight,
+                blk.attn.proj.bias, blk.norm2.weight, wgu, bgu, mlp.down_proj.weight, mlp.down_proj.bias,
+            )
         )
 
     # ------------------------------------------------------------ vision
@@ -315,9 +390,61 @@ class FastQwenVL:
                 out[i] = feats[j * per : (j + 1) * per]
         return torch.cat(out, dim=0)
 
+    def _window_layout(self, gh: int, gw: int) -> _WindowLayout:
+        """Token order for Qwen2.5-VL window attention on a gh x gw patch grid.
+
+        Windows are ws x ws merged units, cut from the top-left as in transformers'
+        get_vision_window_index; where the grid is not a multiple of ws the last row/column of
+        windows is smaller. Windows of one shape are laid out next to each other (at most four
+        shapes: full, right edge, bottom edge, corner), so each shape is one batched attention call
+        with no padding or mask. Attention ignores token order and the merger works per merged unit,
+        so any window order gives the same features once the merger output is put back in order.
+        """
+        key = (gh, gw)
+        if key not in self._window_layouts:
+            m, ws = self.merge, self.v_window
+            rows, cols = gh // m, gw // m
+            by_shape: dict[tuple[int, int], list[int]] = {}
+            for top in range(0, rows, ws):
+                for left in range(0, cols, ws):
+                    height, width = min(ws, rows - top), min(ws, cols - left)
+                    units = by_shape.setdefault((height, width), [])
+                    units.extend((top + r) * cols + left + c for r in range(height) for c in range(width))
+            unit = m * m
+            segments = tuple((len(units) // (h * w), h * w * unit) for (h, w), units in by_shape.items())
+            order = torch.tensor([u for units in by_shape.values() for u in units], device=self.device)
+            cos, sin = self._vision_rope(gh, gw)
+            self._window_layouts[key] = _WindowLayout(
+                order=order,
+                restore=torch.argsort(order),
+                window_segments=segments,
+                full_segments=((1, rows * cols * unit),),
+                cos=cos.view(rows * cols, unit, -1)[order].reshape(rows * cols * unit, -1),
+                sin=sin.view(rows * cols, unit, -1)[order].reshape(rows * cols * unit, -1),
+            )
+        return self._window_layouts[key]
+
+    def _windowed_vision_group(self, batch: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        n = batch.shape[0]
+        layout = self._window_layout(gh, gw)
+        units, unit = layout.order.numel(), self.merge**2
+        pixels = normalise_and_patchify_single_frame(batch, self.dtype)
+        # Reorder before the patch embedding: pixel rows are narrower than embeddings.
+        pixels = pixels.view(n, units, unit, -1)[:, layout.order].reshape(n, units * unit, -1)
+        x = F.linear(pixels, self.patch_w)
+        for i, weights in enumerate(self.v_blocks):
+            segments = layout.full_segments if i in self.v_full_blocks else layout.window_segments
+            x = self._vision_block(x, layout.cos, layout.sin, segments, *weights, self.v_heads, self.v_act)
+        lnw, w1, b1, w2, b2 = self.merger
+        h = _rms_norm(x, lnw, 1e-6).reshape(n, units, self.v_embed * unit)
+        merged = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+        return merged[:, layout.restore].reshape(n * units, -1)
+
     def _vision_group(self, batch: torch.Tensor, height: int, width: int) -> torch.Tensor:
         n = batch.shape[0]
         gh, gw = height // 14, width // 14
+        if self.windowed_vision:
+            return self._windowed_vision_group(batch, gh, gw)
         if not self.fast_vision:
             pixels = normalise_and_patchify(batch, self.dtype)
             grid = torch.tensor([[1, gh, gw]] * n, device=self.device)
