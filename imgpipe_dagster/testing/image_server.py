@@ -73,6 +73,7 @@ import collections
 import io
 import itertools
 import math
+import signal
 import socket
 import struct
 import threading
@@ -895,6 +896,10 @@ def main(argv: list[str] | None = None) -> None:
         "--warm", action="store_true", help="build the bomb and 100 MP payloads before serving"
     )
     args = parser.parse_args(argv)
+    # SIGTERM stops the server through the same path as Ctrl-C (sockets closed), even where the
+    # parent left SIGTERM ignored or blocked: both are inherited across exec.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = ImageServer(args.host, args.port).start()
     if args.warm:
         server.warm()
