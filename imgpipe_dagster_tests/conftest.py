@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,11 @@ SESSION_MARK = "IMGPIPE_TEST_SESSION"
 
 def pytest_sessionstart(session):
     os.environ[SESSION_MARK] = str(os.getpid())
+    # A shell starts background jobs with SIGINT ignored. Dagster's in-process execution copies
+    # SIGINT's handler onto SIGTERM, so every process the tests start afterwards would inherit an
+    # ignored SIGTERM and outlive its stop. Give the session the interactive default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -160,4 +166,11 @@ def pytest_sessionfinish(session, exitstatus):
             process.terminate()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(strays, timeout=10)
+    _gone, alive = psutil.wait_procs(strays, timeout=10)
+    for process in alive:  # SIGTERM ignored or stuck: it must not outlive the session anyway
+        print(f"\nstray process {process.pid} ignored SIGTERM; killing it")
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
