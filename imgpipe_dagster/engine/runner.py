@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from imgpipe_dagster.engine.memory import release_free_memory
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.stats import RunStats
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
@@ -29,6 +28,7 @@ from imgpipe_dagster.gpu_server.client import (
     ServerTimeout,
     ServerUnavailable,
 )
+from imgpipe_dagster.host_memory import release_free_memory
 from imgpipe_dagster.resilience.limiter import QueueFull, QueueTimeout
 from imgpipe_dagster.resilience.retry import RetryPolicy
 from imgpipe_dagster.resilience.router import Router
@@ -410,7 +410,7 @@ class ShardRunner:
             remaining = max(self._unfinished_at_start - self.stats.finished, 0)
             summary = self.stats.summary() | {"router": self._router.snapshot()}
             self.progress(self.stats.progress_line(remaining), summary)
-            release_free_memory()  # keeps a long run's RSS flat (see engine/memory.py)
+            release_free_memory()  # keeps a long run's RSS flat (see host_memory.py)
 
 
 def _fetch_columns(result: FetchResult) -> dict:

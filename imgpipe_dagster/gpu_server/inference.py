@@ -34,6 +34,7 @@ from imgpipe_dagster.gpu_server.image_prep import (
     normalise_and_patchify,
 )
 from imgpipe_dagster.gpu_server.prompts import DEFAULT_PROMPT, Prompt, load_prompt
+from imgpipe_dagster.host_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +306,10 @@ class InferenceEngine:
             self.last_batch.update(self._fast.last_timings)
         log.info("batch %s", self.last_batch)
         every = self.settings.clear_cache_every_n_requests
-        if every and self._torch_device.type == "cuda" and self._generate_calls % every == 0:
-            torch.cuda.empty_cache()
+        if every and self._generate_calls % every == 0:
+            if self._torch_device.type == "cuda":
+                torch.cuda.empty_cache()
+            release_free_memory()  # host memory too: decoded images and pixel tensors of past batches
         return [r if r is not None else ImageResult("", None, False, 0, 0, error="not run") for r in results]
 
     def memory_stats(self) -> dict[str, Any]:

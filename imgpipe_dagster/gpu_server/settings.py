@@ -36,7 +36,8 @@ class ServerSettings:
     batch_wait_timeout: float = 0.08
     # Seconds one batch is assumed to take until the first batch has been measured (Retry-After).
     gen_time_default_est: float = 3.5
-    # Release the CUDA caching allocator's free blocks every N generate() calls (0 = never).
+    # Every N generate() calls (0 = never): release the CUDA caching allocator's free blocks, and free
+    # host heap pages (malloc_trim).
     clear_cache_every_n_requests: int = 30
     # Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts (less fragmentation).
     enable_memory_defrag: bool = True

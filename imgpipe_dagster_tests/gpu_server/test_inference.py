@@ -154,3 +154,18 @@ def test_out_of_memory_splits_the_batch_and_retries(fast_engine, monkeypatch):
     results = fast_engine.generate(fast_engine.prepare(images))
     assert [r.text for r in results] == expected
     assert seen[0] == 4 and seen.count(1) == 4
+
+
+def test_every_nth_generate_returns_freed_host_memory(tiny_model_dir, monkeypatch):
+    import imgpipe_dagster.gpu_server.inference as inference
+
+    trims = []
+    monkeypatch.setattr(inference, "release_free_memory", lambda: trims.append(True) or True)
+    engine = InferenceEngine(ModelSettings(model_path=str(tiny_model_dir), max_new_tokens=2, backend="hf",
+                                           clear_cache_every_n_requests=2))  # fmt: skip
+    try:
+        for _ in range(5):
+            engine.generate(engine.prepare([make_image_bytes(0, 56, 56)]))
+    finally:
+        engine.close()
+    assert len(trims) == 2  # after the 2nd and the 4th call

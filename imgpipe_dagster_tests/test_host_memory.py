@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from imgpipe_dagster.engine.memory import release_free_memory
+from imgpipe_dagster.host_memory import release_free_memory
 
 # In a fresh interpreter: 256 MB in 64 kB buffers (malloc'd from the heap, below the mmap threshold),
 # one kept at the end so the heap's top cannot shrink on its own, the rest freed.
 _PROBE = """
 import json, psutil
-from imgpipe_dagster.engine.memory import release_free_memory
+from imgpipe_dagster.host_memory import release_free_memory
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 before = rss()
 buffers = [bytearray(64 * 1024) for _ in range(4096)]

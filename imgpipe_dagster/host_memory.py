@@ -1,6 +1,6 @@
-"""Give freed heap memory back to the operating system during long runs.
+"""Give freed heap memory back to the operating system during long runs (shard runs, GPU servers).
 
-A run allocates and frees many image-sized buffers (64 kB to a few MB) from several threads. glibc's
+Both allocate and free many image-sized buffers (64 kB to a few MB) from several threads. glibc's
 malloc keeps such freed memory in its arenas rather than returning it, so the process' RSS creeps up
 while the live Python heap stays flat (``bench/soak.py --trace`` showed a flat traced heap under a
 rising RSS). ``malloc_trim(0)`` returns the free pages of every arena; it takes milliseconds.
