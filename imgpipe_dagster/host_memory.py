@@ -9,13 +9,13 @@ rising RSS). ``malloc_trim(0)`` returns the free pages of every arena; it takes 
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from collections.abc import Callable
 
-_trim: Callable[[int], int] | None | bool = False  # False: not looked up yet; None: not available here
 
-
-def _lookup() -> Callable[[int], int] | None:
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -31,10 +31,8 @@ def _lookup() -> Callable[[int], int] | None:
 
 def release_free_memory() -> bool:
     """Return free heap pages to the OS where the C library can (glibc); True when it could."""
-    global _trim
-    if _trim is False:
-        _trim = _lookup()
-    if _trim is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _trim(0)
+    trim(0)
     return True

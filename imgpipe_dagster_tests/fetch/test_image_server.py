@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from imgpipe_dagster.testing.image_server import ImageServer, good_photo_urls, photo_names
+from imgpipe_dagster_tests.support import free_port
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -72,9 +73,7 @@ def test_unknown_paths_and_photos_are_404(image_server: ImageServer) -> None:
 
 
 def test_runs_as_a_command_and_stops_cleanly() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(port)],
         stdout=subprocess.PIPE,

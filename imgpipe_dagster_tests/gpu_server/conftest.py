@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings
+
+
+@contextlib.contextmanager
+def open_engine(model_dir: Path, backend: str, **settings) -> Iterator[InferenceEngine]:
+    """An inference engine on a checkpoint folder, closed afterwards."""
+    engine = InferenceEngine(ModelSettings(model_path=str(model_dir), backend=backend, **settings))
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def make_image_bytes(seed: int, width: int = 112, height: int = 112, fmt: str = "PNG") -> bytes:

@@ -6,14 +6,14 @@ import torch
 from transformers import Qwen2_5_VLConfig
 
 from imgpipe_dagster.gpu_server.image_prep import normalise_and_patchify
-from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings, _model_class
+from imgpipe_dagster.gpu_server.inference import ModelSettings, _model_class
 from imgpipe_dagster.gpu_server.qwen_fast import FastQwenVL
 from imgpipe_dagster.gpu_server.tiny_model import (
     build_tiny_model,
     randomise_biases_and_norms,
     tiny_config_dict,
 )
-from imgpipe_dagster_tests.gpu_server.conftest import make_image_bytes
+from imgpipe_dagster_tests.gpu_server.conftest import make_image_bytes, open_engine
 
 NEW_TOKENS = 10
 # (height, width): whole windows (the tiny model's window is 112 px = 4x4 merged units), then grids
@@ -29,18 +29,14 @@ def qwen25_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_engine_25(qwen25_model_dir):
-    engine = InferenceEngine(ModelSettings(model_path=str(qwen25_model_dir), max_new_tokens=NEW_TOKENS, backend="hf"))
-    yield engine
-    engine.close()
+    with open_engine(qwen25_model_dir, "hf", max_new_tokens=NEW_TOKENS) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def fast_engine_25(qwen25_model_dir):
-    engine = InferenceEngine(
-        ModelSettings(model_path=str(qwen25_model_dir), max_new_tokens=NEW_TOKENS, backend="fast", chunk_size=2)
-    )
-    yield engine
-    engine.close()
+    with open_engine(qwen25_model_dir, "fast", max_new_tokens=NEW_TOKENS, chunk_size=2) as engine:
+        yield engine
 
 
 def random_images(sizes, seed=0):
@@ -112,17 +108,11 @@ def test_fast_vision_equals_the_transformers_tower_with_more_blocks_and_windows(
 
 
 def test_compiled_fast_vision_equals_the_transformers_tower(qwen25_model_dir, hf_engine_25):
-    engine = InferenceEngine(
-        ModelSettings(model_path=str(qwen25_model_dir), max_new_tokens=NEW_TOKENS, backend="fast",
-                      compile_vision=True)
-    )
-    try:
+    with open_engine(qwen25_model_dir, "fast", max_new_tokens=NEW_TOKENS, compile_vision=True) as engine:
         images = random_images([UNEVEN[2]] * 2, seed=11)
         got = fast_features(engine._fast, images)
         assert not engine._fast._vision_block.failed  # compiled, not the eager fallback
         torch.testing.assert_close(got, transformers_features(hf_engine_25.model.model.visual, images))
-    finally:
-        engine.close()
 
 
 def test_fast_backend_generates_the_same_tokens_as_model_generate(hf_engine_25, fast_engine_25):

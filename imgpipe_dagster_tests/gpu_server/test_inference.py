@@ -12,9 +12,9 @@ from imgpipe_dagster.gpu_server.image_prep import (
     normalise_and_patchify,
     smart_resize,
 )
-from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings, PreparedBatch
+from imgpipe_dagster.gpu_server.inference import PreparedBatch
 from imgpipe_dagster.gpu_server.prompts import UnknownPromptError
-from imgpipe_dagster_tests.gpu_server.conftest import make_image_bytes
+from imgpipe_dagster_tests.gpu_server.conftest import make_image_bytes, open_engine
 
 try:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -28,18 +28,14 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def hf_engine(tiny_model_dir):
-    engine = InferenceEngine(ModelSettings(model_path=str(tiny_model_dir), max_new_tokens=NEW_TOKENS, backend="hf"))
-    yield engine
-    engine.close()
+    with open_engine(tiny_model_dir, "hf", max_new_tokens=NEW_TOKENS) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def fast_engine(tiny_model_dir):
-    engine = InferenceEngine(
-        ModelSettings(model_path=str(tiny_model_dir), max_new_tokens=NEW_TOKENS, backend="fast", chunk_size=2)
-    )
-    yield engine
-    engine.close()
+    with open_engine(tiny_model_dir, "fast", max_new_tokens=NEW_TOKENS, chunk_size=2) as engine:
+        yield engine
 
 
 @pytest.mark.parametrize("size", [(112, 112), (140, 84), (84, 196)])
@@ -131,11 +127,9 @@ def test_fast_backend_rows_do_not_depend_on_their_batch_neighbours(fast_engine):
 
 def test_min_new_tokens_forces_the_full_length(tiny_model_dir):
     for backend in ("hf", "fast"):
-        engine = InferenceEngine(ModelSettings(model_path=str(tiny_model_dir), max_new_tokens=6,
-                                               min_new_tokens=6, backend=backend))
-        results = engine.generate(engine.prepare([make_image_bytes(30), make_image_bytes(31)]))
+        with open_engine(tiny_model_dir, backend, max_new_tokens=6, min_new_tokens=6) as engine:
+            results = engine.generate(engine.prepare([make_image_bytes(30), make_image_bytes(31)]))
         assert [r.generated_tokens for r in results] == [6, 6], backend
-        engine.close()
 
 
 def test_out_of_memory_splits_the_batch_and_retries(fast_engine, monkeypatch):
@@ -161,11 +155,7 @@ def test_every_nth_generate_returns_freed_host_memory(tiny_model_dir, monkeypatc
 
     trims = []
     monkeypatch.setattr(inference, "release_free_memory", lambda: trims.append(True) or True)
-    engine = InferenceEngine(ModelSettings(model_path=str(tiny_model_dir), max_new_tokens=2, backend="hf",
-                                           clear_cache_every_n_requests=2))  # fmt: skip
-    try:
+    with open_engine(tiny_model_dir, "hf", max_new_tokens=2, clear_cache_every_n_requests=2) as engine:
         for _ in range(5):
             engine.generate(engine.prepare([make_image_bytes(0, 56, 56)]))
-    finally:
-        engine.close()
     assert len(trims) == 2  # after the 2nd and the 4th call

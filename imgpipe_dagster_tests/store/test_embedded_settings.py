@@ -13,23 +13,19 @@ from imgpipe_dagster.store.errors import ConfigurationError
 GiB = 2**30
 
 
-def _by_name(settings) -> dict[str, int]:
-    return {s.name: s.value for s in settings}
-
-
 def test_shared_buffers_are_a_quarter_of_memory_within_bounds(monkeypatch):
     monkeypatch.delenv(SHARED_BUFFERS_ENV, raising=False)
     # pg_settings counts shared_buffers in 8 kB pages: 128 pages a MB.
-    assert _by_name(tuned_settings(4 * GiB))["shared_buffers"] == 1024 * 128
-    assert _by_name(tuned_settings(GiB // 4))["shared_buffers"] == 128 * 128  # never below the stock 128 MB
-    assert _by_name(tuned_settings(256 * GiB))["shared_buffers"] == 1536 * 128  # nor above 1.5 GB
-    assert _by_name(tuned_settings(8 * GiB))["max_wal_size"] == 8192
-    assert _by_name(tuned_settings(8 * GiB))["checkpoint_timeout"] == 900
+    assert tuned_settings(4 * GiB)["shared_buffers"] == 1024 * 128
+    assert tuned_settings(GiB // 4)["shared_buffers"] == 128 * 128  # never below the stock 128 MB
+    assert tuned_settings(256 * GiB)["shared_buffers"] == 1536 * 128  # nor above 1.5 GB
+    assert tuned_settings(8 * GiB)["max_wal_size"] == 8192
+    assert tuned_settings(8 * GiB)["checkpoint_timeout"] == 900
 
 
 def test_a_larger_corpus_can_ask_for_more_buffers(monkeypatch):
     monkeypatch.setenv(SHARED_BUFFERS_ENV, "6144")
-    assert _by_name(tuned_settings(8 * GiB))["shared_buffers"] == 6144 * 128
+    assert tuned_settings(8 * GiB)["shared_buffers"] == 6144 * 128
     for bad in ("lots", "-5", "8"):
         monkeypatch.setenv(SHARED_BUFFERS_ENV, bad)
         with pytest.raises(ConfigurationError, match=SHARED_BUFFERS_ENV):
@@ -41,7 +37,7 @@ def test_the_embedded_server_runs_with_them(pg_server_url):
     with psycopg.connect(pg_server_url, dbname="postgres") as conn:
         running = dict(conn.execute("SELECT name, setting::bigint FROM pg_settings WHERE name IN "
                                     "('shared_buffers', 'max_wal_size', 'checkpoint_timeout')").fetchall())  # fmt: skip
-    assert running == _by_name(tuned_settings())
+    assert running == tuned_settings()
     # Applied already: a second start changes nothing and needs no restart.
     assert apply_settings(pg_server_url, tuned_settings()) is False
 
