@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from imgpipe_dagster.paths import imgpipe_home, project_root, resources_dir
+from imgpipe_dagster.paths import gpu_server_records_dir, imgpipe_home, project_root, resources_dir
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster.store.errors import ConfigurationError
 
@@ -123,7 +123,7 @@ def cmd_gpu_server(args: argparse.Namespace) -> int:
 
     passthrough = list(args.rest)
     if not any(a.startswith("--state-dir") for a in passthrough):
-        passthrough = ["--state-dir", str(imgpipe_home() / "gpu-servers"), *passthrough]
+        passthrough = ["--state-dir", str(gpu_server_records_dir()), *passthrough]
     return launcher_main([args.action, *passthrough])
 
 

@@ -1,23 +1,77 @@
-"""The one Definitions object of the code location."""
+"""The one Definitions object of the code location, with the resources of one deployment.
 
-from dagster import Definitions
+``IMGPIPE_DEPLOYMENT`` chooses the resource set (read once, through ``environment.py``):
+
+- ``local`` (default): the GPU servers run on this machine, managed by the ``gpu_model`` resource
+  (``IMGPIPE_MODEL_PATH``, ``IMGPIPE_GPU_DEVICES``, ``IMGPIPE_GPU_BASE_PORT``, ``IMGPIPE_MAX_NEW_TOKENS``);
+- ``external``: runs only attach to the servers in ``IMGPIPE_GPU_ENDPOINTS`` (started on GPU
+  machines with ``imgpipe gpu-server start``).
+
+Both: ``IMGPIPE_GPU_TOKEN`` (handed over as an ``EnvVar``, so the UI shows its name, never its value),
+``IMGPIPE_ALLOWED_NETWORKS`` for the fetcher, and the project database (``IMGPIPE_DATABASE_URL`` or the
+embedded server). Run config may still override any resource field per run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dagster import Definitions, EnvVar
 
 from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.corpus import url_corpus
 from imgpipe_dagster.assets.report import progress_report
+from imgpipe_dagster.environment import (
+    DEPLOYMENT_ENV,
+    GPU_ENDPOINTS_ENV,
+    GPU_TOKEN_ENV,
+    Environment,
+    EnvironmentValueError,
+    read_environment,
+)
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, INGEST_JOB, REPORT_JOB
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
+from imgpipe_dagster.resources.gpu_model import DEFAULT_BASE_PORT
 from imgpipe_dagster.schedules import SCHEDULES
 from imgpipe_dagster.sensors import SENSORS
+
+
+def resources_by_deployment(env: Environment) -> dict[str, dict[str, Any]]:
+    """Each deployment's resources, filled from the environment."""
+    token = EnvVar(GPU_TOKEN_ENV) if env.gpu_token else None
+    shared = {
+        "postgres": PostgresResource(),
+        "fetcher": FetcherResource(allowed_networks=list(env.allowed_networks)),
+    }
+    return {
+        "local": {
+            **shared,
+            "gpu_model": GpuModelResource(
+                mode="managed",
+                model_path=env.model_path,
+                devices=list(env.gpu_devices) if env.gpu_devices else None,
+                base_port=DEFAULT_BASE_PORT if env.gpu_base_port is None else env.gpu_base_port,
+                max_new_tokens=env.max_new_tokens,
+                token=token,
+            ),
+        },
+        "external": {
+            **shared,
+            "gpu_model": GpuModelResource(mode="external", endpoints=list(env.gpu_endpoints), token=token),
+        },
+    }
+
+
+def deployment_resources(env: Environment) -> dict[str, Any]:
+    if env.deployment == "external" and not env.gpu_endpoints:
+        raise EnvironmentValueError(f"{DEPLOYMENT_ENV}=external needs {GPU_ENDPOINTS_ENV}=url1,url2,...")
+    return resources_by_deployment(env)[env.deployment]
+
 
 defs = Definitions(
     assets=[url_corpus, image_analysis, progress_report],
     jobs=[*ANALYSIS_JOBS.values(), INGEST_JOB, REPORT_JOB],
     sensors=SENSORS,
     schedules=SCHEDULES,
-    resources={
-        "postgres": PostgresResource(),
-        "gpu_model": GpuModelResource(),
-        "fetcher": FetcherResource(),
-    },
+    resources=deployment_resources(read_environment()),
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from imgpipe_dagster.paths import imgpipe_home
+from imgpipe_dagster.paths import gpu_server_records_dir, imgpipe_home
 
 DEMO_WIDTHS = (320, 640, 1024)
 DEMO_FORMATS = ("jpg", "png", "webp", "gif")
@@ -118,7 +118,7 @@ def run_demo(args: argparse.Namespace) -> int:
         image_server.wait(timeout=30)
 
     if not args.keep_servers:
-        GpuServerLauncher(imgpipe_home() / "gpu-servers").stop()
+        GpuServerLauncher(gpu_server_records_dir()).stop()
     print_summary(url, real_model is None, result.run_id if result is not None else None)
     print(f"5/5 done in {time.monotonic() - started:.0f}s. Browse runs, lineage and partitions: "
           f"`make dev` (or `imgpipe dev`) then open http://127.0.0.1:3000 ; `imgpipe db down` stops the database.")

@@ -17,20 +17,21 @@ from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
 ANALYSIS = AssetSelection.assets("image_analysis")
 
 
+def analysis_job_name(profile: str) -> str:
+    """The job that runs image_analysis with a profile's preset: ``analyze_<profile>``."""
+    return f"analyze_{profile}"
+
+
 def analysis_job(profile: str):
     """`analyze_<profile>`: image_analysis over chosen shards, with that profile's run config preset."""
     return define_asset_job(
-        f"analyze_{profile}",
+        analysis_job_name(profile),
         selection=ANALYSIS,
         partitions_def=url_shards,
         config=profile_run_config(profile),
         description=f"Analyse shards with the {profile} profile (profiles/{profile}.yaml).",
         tags={PROFILE_TAG: profile},
     )
-
-
-def analysis_job_name(profile: str) -> str:
-    return f"analyze_{profile}"
 
 
 ANALYSIS_JOBS = {name: analysis_job(name) for name in PROFILE_NAMES}

@@ -6,7 +6,6 @@ them into ``imgpipe_dagster/_resources`` (see setup.py), so one lookup serves bo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -39,7 +38,14 @@ def project_root() -> Path | None:
 
 
 def imgpipe_home() -> Path:
-    """State folder (embedded database, Dagster home, GPU server pid files): ``$IMGPIPE_HOME`` or ./.imgpipe."""
-    configured = os.environ.get("IMGPIPE_HOME")
+    """State folder (embedded database, Dagster home, GPU server records): ``$IMGPIPE_HOME`` or ./.imgpipe."""
+    from imgpipe_dagster.environment import read_environment
+
+    configured = read_environment().home
     home = Path(configured) if configured else Path.cwd() / ".imgpipe"
     return home.resolve()
+
+
+def gpu_server_records_dir() -> Path:
+    """Where the launcher keeps one record, settings file, lock and log per managed GPU server."""
+    return imgpipe_home() / "gpu-servers"

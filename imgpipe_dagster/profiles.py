@@ -1,10 +1,17 @@
 """Throughput profiles: the legacy conservative / medium / aggressive settings as Dagster run config.
 
-``profiles/<name>.yaml`` holds every legacy value of a profile. ``ImageAnalysisConfig`` is the run
-config of the image_analysis asset: ``profile`` picks the base values from that file and any field
-set under ``worker`` / ``gpu_server`` overrides one value. The merged values are validated by
-``WorkerProfile`` / ``GpuServerProfile`` (types, ranges, min <= initial <= max) with errors that name
-the field. The engine never sees these classes: ``to_*_settings`` hand it plain dataclasses.
+``profiles/<name>.yaml`` is the one source of a profile's values: every legacy value under its legacy
+name, plus our new fields. It is valid run config of the ``image_analysis`` asset (the
+``analyze_<name>`` jobs carry it as their preset; ``profile_run_config`` reads it).
+
+Here: ``resolve(name, worker_overrides, gpu_overrides)`` merges the file with the non-empty
+overrides of a run (``assets/config.py`` derives its override fields from these models) and validates
+the result into ``WorkerProfile`` (the worker side, legacy image-analyzer-enterprise/.env) and
+``GpuServerProfile`` (the GPU server side, legacy llm_model/.env): types, ranges and orderings, with
+errors that name the field. ``STEP_DOWN`` / ``STEP_UP`` are the throttle's profile order.
+
+The engine never sees these classes: ``imgpipe_dagster.settings_map`` turns them into the typed
+settings of each side (``EngineSettings`` for a shard run, ``ServerSettings`` for a GPU server).
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ class WorkerProfile(BaseModel):
     images_per_request: int = Field(default=32, ge=1, le=1024)
     # new: URL lease in seconds; renewed while the run lives, reclaimed after a crash
     lease_seconds: float = Field(default=120, ge=5)
+    # new: tries of one GPU request (server busy or down) before its URLs go back to pending, uncharged
+    max_gpu_tries: int = Field(default=50, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _ordered(self) -> WorkerProfile:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,13 +23,13 @@ from typing import Any
 import httpx
 import psycopg
 
+from imgpipe_dagster.environment import GPU_ENDPOINTS_ENV
+from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster.store.stats import Progress, progress
 
 SCREEN_WIDTH = 100
-# Comma-separated GPU server URLs to show besides the ones the launcher started (external mode).
-GPU_ENDPOINTS_ENV = "IMGPIPE_GPU_ENDPOINTS"
 # A run rewrites its snapshot every progress interval; older ones belong to runs that ended.
 ROUTER_SNAPSHOT_MAX_AGE_S = 120.0
 HEALTH_TIMEOUT_S = 2.0
@@ -121,32 +120,25 @@ def read_breakers(max_age_s: float = ROUTER_SNAPSHOT_MAX_AGE_S) -> dict[str, str
 
 def known_gpu_servers(extra: list[str] | None = None) -> list[str]:
     """Servers the launcher recorded under $IMGPIPE_HOME/gpu-servers, then $IMGPIPE_GPU_ENDPOINTS and ``extra``."""
-    from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+    from imgpipe_dagster.environment import read_environment
+    from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 
-    urls: list[str] = []
-    for record in GpuServerLauncher(imgpipe_home() / "gpu-servers").status():
-        if record.get("alive"):
-            urls.append(f"http://{record.get('host', '127.0.0.1')}:{record['port']}")
-    configured = [u.strip() for u in os.environ.get(GPU_ENDPOINTS_ENV, "").split(",") if u.strip()]
-    return list(dict.fromkeys(u.rstrip("/") for u in [*urls, *configured, *(extra or [])]))
+    return discover_endpoints([*read_environment().gpu_endpoints, *(extra or [])])
 
 
 def probe_gpu_server(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> GpuServerStatus:
     try:
-        response = httpx.get(url + "/health", timeout=timeout_s)
-        body = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        return GpuServerStatus(url=url, reachable=False, error=f"{type(exc).__name__}: {exc}"[:120])
+        health = fetch_health(url, timeout_s)
+    except HealthUnavailable as exc:
+        return GpuServerStatus(url=url, reachable=False, error=str(exc)[:120])
     server = GpuServerStatus(
-        url=url, reachable=True, status=body.get("status"), device=body.get("device"),
-        queue_size=int(body.get("queue_size") or 0), queue_capacity=int(body.get("queue_capacity") or 0),
-        max_batch_size=int(body.get("max_inference_batch_size") or 0),
-        mean_batch_size=float(body.get("mean_batch_size") or 0.0),
-        images_per_s=float(body.get("images_per_second") or 0.0),
-        processed=int(body.get("processed") or 0), failed=int(body.get("failed") or 0),
-        error=body.get("error") if isinstance(body.get("error"), str) else None,
+        url=url, reachable=True, status=health.status, device=health.device,
+        queue_size=health.queue_size, queue_capacity=health.queue_capacity,
+        max_batch_size=health.max_inference_batch_size, mean_batch_size=health.mean_batch_size,
+        images_per_s=health.images_per_second, processed=health.processed, failed=health.failed,
+        error=health.error,
     )  # fmt: skip
-    gpu, memory = body.get("gpu") or {}, body.get("memory") or {}
+    gpu, memory = health.gpu or {}, health.memory or {}
     if gpu.get("memory_total_bytes"):
         server.memory_kind = "gpu"
         server.memory_used_bytes, server.memory_total_bytes = gpu["memory_used_bytes"], gpu["memory_total_bytes"]
@@ -154,9 +146,9 @@ def probe_gpu_server(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> GpuServer
         server.memory_kind = "gpu"
         server.memory_used_bytes = memory["total_bytes"] - memory.get("free_bytes", 0)
         server.memory_total_bytes = memory["total_bytes"]
-    elif body.get("pid") and _is_loopback(url):
+    elif health.pid and _is_loopback(url):
         server.memory_kind = "rss"  # a CPU server here: its process memory is what grows
-        server.memory_used_bytes = _rss(int(body["pid"]))
+        server.memory_used_bytes = _rss(health.pid)
     return server
 
 

@@ -19,10 +19,10 @@ from dagster import (
 
 from imgpipe_dagster.assets.config import ImageAnalysisConfig
 from imgpipe_dagster.engine.runner import ShardRunner
-from imgpipe_dagster.engine.settings import engine_settings
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
+from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.status import write_router_snapshot
 from imgpipe_dagster.store.verify import verify
 

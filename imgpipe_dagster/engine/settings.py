@@ -1,82 +1,45 @@
-"""Settings of one shard run (the engine's view of a worker profile)."""
+"""Settings of one shard run: the engine's typed view of a worker profile.
+
+``imgpipe_dagster.settings_map.engine_settings`` builds them from a validated profile
+(``profiles/<name>.yaml``); fields holding a profile value have no default here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.resilience.settings import BreakerSettings, LimiterSettings, RetrySettings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunSettings:
     # rows per result transaction (legacy CHUNK_SIZE)
-    chunk_size: int = 100
+    chunk_size: int
     # result chunks written at once (legacy MAX_CONCURRENT_CHUNKS; one DB connection each)
-    max_concurrent_chunks: int = 15
+    max_concurrent_chunks: int
     # GPU requests being assembled or in flight (legacy MAX_CONCURRENT_BATCHES)
-    max_concurrent_batches: int = 15
-    # images per GPU request; the server merges requests into its batches
-    images_per_request: int = 32
-    # seconds a partly filled request waits for more images
-    request_fill_wait_s: float = 0.25
+    max_concurrent_batches: int
+    # images per GPU request; the server merges requests into its batches (profile, new)
+    images_per_request: int
     # seconds one GPU request may take (legacy REQUEST_TIMEOUT)
-    request_timeout: float = 120.0
-    # URL lease; renewed every quarter of it while the run lives
-    lease_seconds: float = 120.0
+    request_timeout: float
+    # URL lease; renewed every quarter of it while the run lives (profile, new)
+    lease_seconds: float
+    # tries of one GPU request (server busy or down) before its URLs go back to pending, uncharged (profile, new)
+    max_gpu_tries: int
     # prompt file name under resources/prompts
     prompt_name: str = "analysis_v1"
-    # tries of one GPU request (server busy or down) before its URLs go back to pending, uncharged
-    max_gpu_tries: int = 50
+    # seconds a partly filled request waits for more images
+    request_fill_wait_s: float = 0.25
     # seconds between progress lines
     progress_interval_s: float = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineSettings:
-    run: RunSettings = field(default_factory=RunSettings)
-    fetch: FetchSettings = field(default_factory=FetchSettings)
-    limiter: LimiterSettings = field(default_factory=LimiterSettings)
-    breaker: BreakerSettings = field(default_factory=BreakerSettings)
-    fetch_retry: RetrySettings = field(default_factory=RetrySettings)
-
-
-def engine_settings(worker, fetch: FetchSettings, prompt_name: str = "analysis_v1") -> EngineSettings:
-    """Engine settings from a validated worker profile (imgpipe_dagster.profiles.WorkerProfile)."""
-    return EngineSettings(
-        run=RunSettings(
-            chunk_size=worker.chunk_size,
-            max_concurrent_chunks=worker.max_concurrent_chunks,
-            max_concurrent_batches=worker.max_concurrent_batches,
-            images_per_request=worker.images_per_request,
-            request_timeout=worker.request_timeout,
-            lease_seconds=worker.lease_seconds,
-            prompt_name=prompt_name,
-        ),
-        fetch=fetch,
-        limiter=LimiterSettings(
-            resilience_initial_rate=worker.resilience_initial_rate,
-            resilience_min_rate=worker.resilience_min_rate,
-            resilience_max_rate=worker.resilience_max_rate,
-            resilience_max_concurrent=worker.resilience_max_concurrent,
-            resilience_max_queue=worker.resilience_max_queue,
-            max_concurrent_requests=worker.max_concurrent_requests,
-            target_response_time_ms=worker.target_response_time_ms,
-            slow_threshold_ms=worker.slow_threshold_ms,
-            critical_threshold_ms=worker.critical_threshold_ms,
-            rate_adjustment_interval=worker.rate_adjustment_interval,
-            rate_window_size=worker.rate_window_size,
-            rate_increase_factor=worker.rate_increase_factor,
-            rate_decrease_factor=worker.rate_decrease_factor,
-            rate_critical_decrease_factor=worker.rate_critical_decrease_factor,
-            queue_timeout=worker.queue_timeout,
-        ),
-        breaker=BreakerSettings(
-            circuit_failure_threshold=worker.circuit_failure_threshold,
-            circuit_success_threshold=worker.circuit_success_threshold,
-            circuit_timeout_seconds=worker.circuit_timeout_seconds,
-            slow_call_threshold_ms=worker.slow_call_threshold_ms,
-            timeout_failure_weight=worker.timeout_failure_weight,
-        ),
-        fetch_retry=RetrySettings(retry_attempts=worker.retry_attempts, retry_delay=worker.retry_delay),
-    )
+    run: RunSettings
+    fetch: FetchSettings
+    limiter: LimiterSettings
+    breaker: BreakerSettings
+    fetch_retry: RetrySettings

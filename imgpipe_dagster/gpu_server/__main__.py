@@ -1,19 +1,57 @@
-"""`python -m imgpipe_dagster.gpu_server --device cuda:0 --port 8000 --model PATH [...]`: one server."""
+"""`python -m imgpipe_dagster.gpu_server --settings-file PATH [--port-file PATH]`: one server.
+
+The settings file is one ServerSettings JSON document (``ServerSettings.to_json``), validated on
+load; the launcher writes it 0600 because it may carry the bearer token, which must never appear on
+a command line. With ``port`` 0 the server binds any free port; ``--port-file`` receives the port it
+got (written before the model loads), so callers never need to guess a free port.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import socket
 import sys
+from pathlib import Path
 
-from imgpipe_dagster.gpu_server.settings import settings_from_args
+from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port (port 0: any free one), IPv4 or IPv6 as the host says."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def write_port_file(path: Path, port: int) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(str(port))
+    temporary.replace(path)  # readers never see a partial number
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
-    if settings.enable_memory_defrag and settings.device.startswith("cuda"):
+    parser = argparse.ArgumentParser(prog="python -m imgpipe_dagster.gpu_server", description=__doc__)
+    parser.add_argument("--settings-file", required=True, type=Path, help="ServerSettings JSON document")
+    parser.add_argument("--port-file", type=Path, default=None, help="receives the port the server bound")
+    options = parser.parse_args(argv)
+    try:
+        settings = ServerSettings.from_json(options.settings_file.read_text())
+    except (OSError, SettingsError) as error:
+        print(f"gpu_server: cannot load {options.settings_file}: {error}", file=sys.stderr)
+        return 2
+    if settings.model.enable_memory_defrag and settings.model.device.startswith("cuda"):
         # Must be set before CUDA initialises; expandable segments curb fragmentation from varying batches.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+    sock = bind_socket(settings.host, settings.port)
+    settings = settings.replace(port=sock.getsockname()[1])
+    if options.port_file is not None:
+        write_port_file(options.port_file, settings.port)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s gpu_server[{settings.port}] %(message)s",
@@ -32,16 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_exit=request_exit)
     config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level="info",
-        access_log=False,
-        timeout_graceful_shutdown=60,
+        app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60
     )
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=[sock])
     state = app.state.server
     if state.status == "failed":
         return 1

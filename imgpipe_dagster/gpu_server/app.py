@@ -1,4 +1,4 @@
-"""HTTP face of one GPU server (Starlette): /v1/analyze, /health, /metrics.
+"""HTTP face of one GPU server (Starlette): /v1/analyze, /v1/settings, /health, /metrics.
 
 The app only admits, validates and reports; batching lives in batcher.py and the model in
 inference.py. The model loads in a thread after the server starts listening, so /health answers
@@ -8,15 +8,20 @@ Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx stat
 400 malformed body or unknown prompt, 401 missing/wrong bearer token, 413 too many images or bytes,
 415 wrong content type, 429 queue full (Retry-After), 503 loading/draining/failed (Retry-After).
 
-Authentication: with a bearer token set, /v1/analyze and /metrics require it. /health stays open
-so that supervisors and load balancers can probe without the secret; it reveals counters only.
+``/health`` is the typed document of ``health.py`` (``ServerHealth``), including the settings the
+server runs (token left out) and their hash. ``POST /v1/settings`` takes a complete ServerSettings
+JSON document and applies it live when only live fields differ (batching, queue sizes,
+max_new_tokens: ``settings.LIVE_FIELDS``); other changes answer 409 (the launcher restarts the server).
+
+Authentication: with a bearer token set, /v1/analyze, /v1/settings and /metrics require it. /health
+stays open so that supervisors and load balancers can probe without the secret; it reveals counters
+and settings, never the token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
 import os
@@ -32,10 +37,11 @@ from starlette.routing import Route
 
 from imgpipe_dagster.gpu_server import wire
 from imgpipe_dagster.gpu_server.batcher import BatcherClosed, DynamicBatcher, QueueFull
+from imgpipe_dagster.gpu_server.health import ServerHealth
 from imgpipe_dagster.gpu_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from imgpipe_dagster.gpu_server.metrics import ServerMetrics
 from imgpipe_dagster.gpu_server.nvml import GpuMonitor
-from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError, apply_live, settings_hash
 
 log = logging.getLogger("imgpipe_dagster.gpu_server")
 
@@ -43,13 +49,10 @@ EngineFactory = Callable[[ServerSettings], Any]
 
 
 def load_inference_engine(settings: ServerSettings) -> Any:
-    """Build the real engine: ServerSettings fields that ModelSettings shares are passed through."""
-    from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings
+    """The real engine on the settings' model part."""
+    from imgpipe_dagster.gpu_server.inference import InferenceEngine
 
-    model_fields = {model_field.name for model_field in dataclasses.fields(ModelSettings)}
-    values = {name: getattr(settings, name) for name in model_fields if hasattr(settings, name)}
-    values.update(settings.engine_options)
-    return InferenceEngine(ModelSettings(**values))
+    return InferenceEngine(settings.model)
 
 
 class ServerState:
@@ -71,7 +74,7 @@ class ServerState:
         self.active_requests = 0
         self.rejected = 0
         self.metrics = ServerMetrics()
-        self.gpu = GpuMonitor(settings.device)
+        self.gpu = GpuMonitor(settings.model.device)
         self.tasks: list[asyncio.Task[None]] = []
 
     def idle_seconds(self) -> float:
@@ -228,56 +231,79 @@ async def _analyze(state: ServerState, request: Request) -> Response:
         state.last_activity = time.monotonic()
 
 
-def health_snapshot(state: ServerState) -> dict[str, Any]:
+def health_snapshot(state: ServerState) -> ServerHealth:
     settings = state.settings
     batcher = state.batcher
     stats = batcher.stats if batcher else None
     now = time.monotonic()
-    return {
-        # legacy fields
-        "workers": settings.max_concurrent_generations,
-        "queue_size": batcher.queued if batcher else 0,
-        # new fields
-        "status": state.status,
-        "error": state.load_error,
-        "model": state.engine_attr("model_name"),
-        "model_path": settings.model_path,
-        "device": state.engine_attr("device", settings.device),
-        "dtype": state.engine_attr("dtype"),
-        "queue_capacity": settings.max_inference_queue_size,
-        "max_inference_batch_size": settings.max_inference_batch_size,
-        "max_batch_images": settings.max_batch_images,
-        "max_request_images": settings.request_image_cap,
-        "in_flight": batcher.in_flight if batcher else 0,
-        "batches_in_pipeline": batcher.batches_in_pipeline if batcher else 0,
-        "generating": bool(batcher and batcher.generating),
-        "active_requests": state.active_requests,
-        "processed": stats.processed if stats else 0,
-        "failed": stats.failed if stats else 0,
-        "rejected_requests": state.rejected,
-        "batches": stats.batches if stats else 0,
-        "mean_batch_size": (stats.batched_images / stats.batches) if stats and stats.batches else 0.0,
-        "mean_generation_ms": (stats.generation_seconds_total / stats.batches * 1000.0)
+    return ServerHealth(
+        workers=settings.max_concurrent_generations,
+        queue_size=batcher.queued if batcher else 0,
+        status=state.status,
+        error=state.load_error,
+        model=state.engine_attr("model_name"),
+        model_path=settings.model.model_path,
+        device=state.engine_attr("device", settings.model.device),
+        dtype=state.engine_attr("dtype"),
+        queue_capacity=settings.max_inference_queue_size,
+        max_inference_batch_size=settings.max_inference_batch_size,
+        max_batch_images=settings.max_batch_images,
+        max_request_images=settings.request_image_cap,
+        in_flight=batcher.in_flight if batcher else 0,
+        batches_in_pipeline=batcher.batches_in_pipeline if batcher else 0,
+        generating=bool(batcher and batcher.generating),
+        active_requests=state.active_requests,
+        processed=stats.processed if stats else 0,
+        failed=stats.failed if stats else 0,
+        rejected_requests=state.rejected,
+        batches=stats.batches if stats else 0,
+        mean_batch_size=(stats.batched_images / stats.batches) if stats and stats.batches else 0.0,
+        mean_generation_ms=(stats.generation_seconds_total / stats.batches * 1000.0)
         if stats and stats.batches
         else 0.0,
-        "batch_seconds_estimate": batcher.batch_seconds_estimate
-        if batcher
-        else settings.gen_time_default_est,
-        "images_per_second": batcher.images_per_second() if batcher else 0.0,
-        "gpu": state.gpu.read(),
-        "memory": state.memory_stats(),
-        "uptime_s": now - state.started_at,
-        "idle_s": state.idle_seconds(),
-        "idle_timeout_s": settings.idle_timeout_s,
-        "pid": os.getpid(),
-        "port": settings.port,
-        "auth_required": bool(settings.bearer_token),
-    }
+        batch_seconds_estimate=batcher.batch_seconds_estimate if batcher else settings.gen_time_default_est,
+        images_per_second=batcher.images_per_second() if batcher else 0.0,
+        gpu=state.gpu.read(),
+        memory=state.memory_stats(),
+        uptime_s=now - state.started_at,
+        idle_s=state.idle_seconds(),
+        idle_timeout_s=settings.idle_timeout_s,
+        pid=os.getpid(),
+        port=settings.port,
+        auth_required=bool(settings.bearer_token),
+        settings=settings.to_dict(include_token=False),
+        settings_hash=settings_hash(settings),
+    )
 
 
 async def health(request: Request) -> Response:
     state = _state(request)
-    return JSONResponse(health_snapshot(state), status_code=503 if state.status == "failed" else 200)
+    return JSONResponse(health_snapshot(state).to_json(), status_code=503 if state.status == "failed" else 200)
+
+
+async def update_settings(request: Request) -> Response:
+    """Apply a complete ServerSettings document live; 409 when a field needs a restart."""
+    state = _state(request)
+    if not _authorised(state, request):
+        return _error(401, "unauthorised", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    try:
+        # The token, address and port stay the server's own whatever the document says.
+        wanted = ServerSettings.from_json((await request.body()).decode()).replace(
+            bearer_token=state.settings.bearer_token, host=state.settings.host, port=state.settings.port
+        )
+    except (SettingsError, UnicodeDecodeError) as error:
+        return _error(400, "bad_settings", str(error))
+    try:
+        updated = apply_live(state.settings, wanted)
+    except SettingsError as error:
+        return _error(409, "restart_needed", str(error))
+    state.settings = updated
+    if state.batcher is not None:
+        state.batcher.reconfigure(updated)
+    if state.engine is not None and hasattr(state.engine, "take_live_settings"):
+        state.engine.take_live_settings(updated.model)
+    log.info("settings updated live: hash %s", settings_hash(updated))
+    return JSONResponse(health_snapshot(state).to_json())
 
 
 async def metrics(request: Request) -> Response:
@@ -367,6 +393,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/v1/analyze", analyze, methods=["POST"]),
+            Route("/v1/settings", update_settings, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],

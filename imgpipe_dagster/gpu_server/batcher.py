@@ -168,6 +168,16 @@ class DynamicBatcher:
             loop.create_task(self._generate_loop(), name="batch-generator"),
         ]
 
+    def reconfigure(self, settings: ServerSettings) -> None:
+        """Take over new batching and queue sizes for the batches formed from now on."""
+        if settings.prepare_workers != self._settings.prepare_workers:
+            # Preparations already submitted finish on the old threads.
+            old_pool = self._prepare_pool
+            self._prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
+            old_pool.shutdown(wait=False)
+        self._settings = settings
+        self._changed.set()
+
     async def close(self, timeout_s: float = 30.0) -> None:
         """Finish admitted work (up to ``timeout_s``), then stop the loops and threads."""
         self._closing = True

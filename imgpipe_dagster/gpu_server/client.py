@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from imgpipe_dagster.gpu_server import wire
+from imgpipe_dagster.gpu_server.health import ServerHealth
 
 
 class GpuServerError(Exception):
@@ -138,10 +139,13 @@ class GpuClient:
             for item in payload["results"]
         ]
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> ServerHealth:
         """The server's /health document (also while loading; a failed server raises ServerUnavailable)."""
         response = await self._send("GET", "/health")
-        return response.json()
+        try:
+            return ServerHealth.from_json(response.json())
+        except ValueError as error:
+            raise ServerUnavailable(f"{self.base_url}/health: unusable body: {error}") from error
 
     async def metrics(self) -> str:
         response = await self._send("GET", "/metrics")

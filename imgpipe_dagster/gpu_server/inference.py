@@ -34,58 +34,13 @@ from imgpipe_dagster.gpu_server.image_prep import (
     normalise_and_patchify,
 )
 from imgpipe_dagster.gpu_server.prompts import DEFAULT_PROMPT, Prompt, load_prompt
+from imgpipe_dagster.gpu_server.settings import ModelSettings
 from imgpipe_dagster.host_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
 IMAGE_PAD_TOKEN = "<|image_pad|>"
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-
-@dataclass
-class ModelSettings:
-    # Local model directory (or a model id in the local HF cache; loading is offline).
-    model_path: str
-    # Torch device: "cuda:0", "cpu".
-    device: str = "cpu"
-    # Legacy USE_FP16: half precision (bf16 where the GPU supports it, fp16 otherwise); fp32 when off or on CPU.
-    use_fp16: bool = True
-    # Legacy ENABLE_TF32: allow TF32 matmuls for any fp32 work.
-    enable_tf32: bool = True
-    # Legacy USE_FLASH_ATTENTION: flash-attention 2 when importable, SDPA otherwise.
-    use_flash_attention: bool = True
-    # Legacy MAX_NEW_TOKENS: most tokens generated per image (greedy).
-    max_new_tokens: int = 128
-    # Fewest pixels of an image after sizing to the 28-px grid (visual token floor).
-    min_pixels: int = 28 * 28 * 4
-    # Most pixels of an image after sizing (visual token cap: 448*448 = 256 image tokens).
-    max_pixels: int = 448 * 448
-    # HF backend only: static KV cache with a compiled decode step (the fast backend always uses one).
-    static_cache: bool = False
-    # torch.compile the vision tower's blocks (fast backend; costs compile time at the first batch).
-    compile_vision: bool = False
-    # Legacy CLEAR_CACHE_EVERY_N_REQUESTS: release the CUDA allocator's free blocks every N generate calls (0 = never).
-    clear_cache_every_n_requests: int = 30
-    # Legacy ENABLE_MEMORY_DEFRAG: expandable CUDA allocator segments (set before CUDA starts).
-    enable_memory_defrag: bool = True
-    # Force at least this many new tokens (benchmarks force exactly max_new_tokens).
-    min_new_tokens: int = 0
-    # Build the model from config.json with random weights (architecture benchmarks; no checkpoint needed).
-    random_weights: bool = False
-    # "auto" (fast on CUDA, hf on CPU), "fast" or "hf".
-    backend: str = "auto"
-    # torch.compile the language model's per-layer step functions (fast backend).
-    compile_language: bool = False
-    # Fast backend: rows processed together in the vision tower and in prefill (bounds activation memory).
-    chunk_size: int = 128
-    # Fast backend: capture the decode step as a CUDA graph (CUDA only).
-    cuda_graphs: bool = True
-    # Seed for random weights, so two servers of one architecture hold the same model.
-    seed: int = 0
-    # CPU only: torch threads of this process. CPU inference serves tests and demos where several
-    # servers and the pipeline share a few cores; one thread each avoids OpenMP spin-waits that made
-    # a tiny model 4-5x slower on a loaded 2-core machine. Raise it for a real model on a large CPU.
-    cpu_threads: int = 1
 
 
 @dataclass
@@ -232,6 +187,12 @@ class InferenceEngine:
         )
 
     # ------------------------------------------------------------------ public API
+
+    def take_live_settings(self, settings: ModelSettings) -> None:
+        """Take over the settings read per batch (max_new_tokens, clear_cache_every_n_requests).
+        The server checks that nothing else changed: those need a new process."""
+        self.settings = settings
+
 
     def prompt_version(self, prompt_name: str = DEFAULT_PROMPT) -> str:
         return load_prompt(prompt_name).version

@@ -1,20 +1,28 @@
-"""Start, reuse, stop and inspect one detached GPU server process per GPU.
+"""Start, reuse, reconfigure, restart, stop and inspect one detached GPU server process per GPU.
 
-State lives under ``state_dir``: per port a record ``gpu-server-<port>.json`` (pid, device, model,
-log path), a log ``gpu-server-<port>.log`` and a lock ``gpu-server-<port>.lock``. Every change to the
-server on a port happens under that port's file lock, so two callers (two Dagster runs, a run and
-the CLI) never start the same server twice. Servers are started in their own session so they
-outlive the caller, and leave by themselves after ``idle_timeout_s`` when one is set.
+State lives under ``state_dir`` (by default ``$IMGPIPE_HOME/gpu-servers``): per server slot a record
+``gpu-server-<slot>.json`` (pid, device, port, model, settings hash, log path), the settings file
+``gpu-server-<slot>.settings.json`` (the ServerSettings JSON the server loads; 0600, it may carry the
+bearer token), a log ``gpu-server-<slot>.log`` and a lock ``gpu-server-<slot>.lock``. The slot is the
+port (``8000``) or, for servers that bind any free port (base port 0), ``any-<index>``; the record
+holds the port the server got. Every change to a slot happens under its file lock, so two callers
+(two Dagster runs, a run and the CLI) never start the same server twice. Servers are started in their
+own session so they outlive the caller, and leave by themselves after ``idle_timeout_s`` when set.
 
-``ensure()`` reuses a healthy server of the same model, waits for one that is still loading,
-restarts a dead, failed or unresponsive one, and replaces a server running another model.
+``ensure()`` reuses a healthy server that runs the wanted settings (same settings hash, read from its
+``/health``); takes over changed live fields (batching, queue sizes, max_new_tokens) through
+``POST /v1/settings``; restarts it once idle when other fields differ (model, device, dtype flags);
+waits for one that is still loading, and restarts a dead, failed or unresponsive one. Each endpoint
+says what was done (``action``) and the launcher logs it on ``imgpipe.gpu_server.launcher``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,17 +32,27 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import psutil
 from filelock import FileLock
 
-from imgpipe_dagster.gpu_server.settings import TOKEN_ENV_VAR, ServerSettings, settings_to_args
+from imgpipe_dagster.gpu_server.health import HealthUnavailable, ServerHealth, fetch_health
+from imgpipe_dagster.gpu_server.settings import (
+    ServerSettings,
+    SettingsError,
+    differences,
+    needs_restart,
+    settings_hash,
+)
+from imgpipe_dagster.paths import gpu_server_records_dir
 
 SERVER_MODULE = "imgpipe_dagster.gpu_server"
-DEFAULT_STATE_DIR = Path(".imgpipe") / "gpu-servers"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("imgpipe.gpu_server.launcher")
+
+Action = Literal["started", "reused", "reconfigured", "restarted", "busy-kept"]
 
 
 class ServerStartError(RuntimeError):
@@ -47,8 +65,23 @@ class Endpoint:
     port: int
     device: str
     pid: int
-    # True when an already running server was reused rather than started by this call.
-    reused: bool
+    # What ensure() did: started (none was running), reused (same settings), reconfigured (live
+    # fields taken over), restarted (other settings, or a dead server), busy-kept (other settings,
+    # but still busy with another run after restart_wait_s: kept as it is, and logged).
+    action: Action
+    # settings_hash of what the server runs now (gpu_server.settings; token and placement excluded)
+    settings_hash: str
+    # Settings fields that differed from the running server's (``model.`` prefix for the model part).
+    changed: tuple[str, ...] = ()
+
+    @property
+    def reused(self) -> bool:
+        """True when an already running server answered rather than one this call started."""
+        return self.action in ("reused", "reconfigured", "busy-kept")
+
+    def describe(self) -> str:
+        text = f"GPU server {self.url} ({self.device}, pid {self.pid}, settings {self.settings_hash}): {self.action}"
+        return text + (f" ({', '.join(self.changed)})" if self.changed else "")
 
 
 def detect_devices() -> list[str]:
@@ -69,22 +102,30 @@ def _child_device(device: str) -> tuple[str, str]:
     return "cuda:0", index
 
 
+def _slot(base_port: int, offset: int) -> str:
+    return f"any-{offset}" if base_port == 0 else str(base_port + offset)
+
+
 class GpuServerLauncher:
     def __init__(
         self,
-        state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+        state_dir: str | os.PathLike[str] | None = None,
         settings: ServerSettings | None = None,
         *,
         python: str = sys.executable,
         startup_timeout_s: float = 900.0,
         health_timeout_s: float = 5.0,
+        restart_wait_s: float = 300.0,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.state_dir = Path(state_dir)
-        self.settings = settings or ServerSettings()
+        """``settings`` is what ensure() starts servers with (stop and status need none);
+        ``restart_wait_s`` bounds the wait for a busy server to become idle before a restart."""
+        self.state_dir = Path(state_dir) if state_dir is not None else gpu_server_records_dir()
+        self.settings = settings
         self.python = python
         self.startup_timeout_s = startup_timeout_s
         self.health_timeout_s = health_timeout_s
+        self.restart_wait_s = restart_wait_s
         self.extra_env = dict(extra_env or {})
 
     # ----- public API -----
@@ -92,73 +133,152 @@ class GpuServerLauncher:
     def ensure(
         self, devices: Sequence[str] | None = None, base_port: int | None = None, host: str | None = None
     ) -> list[Endpoint]:
-        """A ready server per device on ports base_port, base_port+1, ... (started in parallel)."""
+        """A ready server per device on ports base_port, base_port+1, ... (any free ports when
+        base_port is 0), started in parallel, each running ``self.settings``."""
+        if self.settings is None:
+            raise ValueError("GpuServerLauncher.ensure needs the settings to run servers with")
         devices = list(devices) if devices is not None else detect_devices()
         base_port = self.settings.port if base_port is None else base_port
         host = host or self.settings.host
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max(1, len(devices))) as pool:
             futures = [
-                pool.submit(self._ensure_one, device, base_port + offset, host)
+                pool.submit(self._ensure_one, device, _slot(base_port, offset),
+                            base_port + offset if base_port else 0, host)  # fmt: skip
                 for offset, device in enumerate(devices)
             ]
-            return [future.result() for future in futures]
+            endpoints = [future.result() for future in futures]
+        for endpoint in endpoints:
+            log.info(endpoint.describe())
+        return endpoints
 
     def stop(self, ports: Sequence[int] | None = None, timeout_s: float = 30.0) -> list[int]:
         """Stop the recorded servers (all, or those on ``ports``); returns the ports stopped."""
         stopped = []
-        for port in sorted(ports if ports is not None else self._recorded_ports()):
-            with self._lock(port):
-                record = self._read_record(port)
-                if record is not None and self._alive(record):
+        for slot in self._recorded_slots():
+            with self._lock(slot):
+                record = self._read_record(slot)
+                if record is None or (ports is not None and record.get("port") not in ports):
+                    continue
+                if self._alive(record):
                     _terminate(record["pid"], timeout_s)
-                    stopped.append(port)
-                self._record_path(port).unlink(missing_ok=True)
-        return stopped
+                    stopped.append(int(record["port"]))
+                self._forget(slot)
+        return sorted(stopped)
+
+    def live_records(self) -> list[dict[str, Any]]:
+        """The records of the servers whose process lives (no /health probe)."""
+        records = (self._read_record(slot) for slot in self._recorded_slots())
+        return [record for record in records if record is not None and self._alive(record)]
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per recorded server: record, whether its process lives, and its /health."""
         entries = []
-        for port in sorted(self._recorded_ports()):
-            record = self._read_record(port)
+        for slot in self._recorded_slots():
+            record = self._read_record(slot)
             if record is None:
                 continue
             alive = self._alive(record)
-            entries.append(
-                {
-                    **record,
-                    "alive": alive,
-                    "health": self._probe(record["host"], port) if alive else None,
-                }
-            )
-        return entries
+            health = self._probe(record["host"], record["port"]) if alive and record.get("port") else None
+            entries.append({**record, "alive": alive, "health": health.to_json() if health else None})
+        return sorted(entries, key=lambda entry: entry.get("port") or 0)
 
     # ----- one server -----
 
-    def _ensure_one(self, device: str, port: int, host: str) -> Endpoint:
-        with self._lock(port):
-            record = self._read_record(port)
+    def _wanted(self, device: str, port: int, host: str) -> ServerSettings:
+        assert self.settings is not None
+        return self.settings.replace(port=port, host=host).replace_model(device=_child_device(device)[0])
+
+    def _ensure_one(self, device: str, slot: str, port: int, host: str) -> Endpoint:
+        wanted = self._wanted(device, port, host)
+        with self._lock(slot):
+            record = self._read_record(slot)
+            changed: tuple[str, ...] = ()
             if record is not None and self._alive(record):
-                if record.get("model_path") == self.settings.model_path and record.get("device") == device:
+                if record.get("device") == device:
                     health = self._await_ready(record, started_here=False)
                     if health is not None:
-                        return Endpoint(_url(host, port), port, device, record["pid"], reused=True)
+                        endpoint, changed = self._match(slot, record, health, wanted)
+                        if endpoint is not None:
+                            return endpoint
                 _terminate(record["pid"], 30.0)
-            self._record_path(port).unlink(missing_ok=True)
-            return self._start(device, port, host)
+                action: Action = "restarted"
+            else:
+                action = "restarted" if record is not None else "started"
+            self._forget(slot)
+            return self._start(device, slot, wanted, action, changed)
 
-    def _start(self, device: str, port: int, host: str) -> Endpoint:
-        child_device, visible = _child_device(device)
-        settings = self.settings.replace(device=child_device, port=port, host=host)
+    def _match(
+        self, slot: str, record: dict[str, Any], health: ServerHealth, wanted: ServerSettings
+    ) -> tuple[Endpoint | None, tuple[str, ...]]:
+        """The endpoint when the running server can serve ``wanted`` (as is or reconfigured live);
+        (None, changed fields) when it must be restarted, which the caller does."""
+        url = _url(record["host"], record["port"])
+        try:
+            running = ServerSettings.from_dict(health.settings)
+        except SettingsError:
+            return None, ("settings not reported",)  # a server of an older version
+        if health.settings_hash == settings_hash(wanted):
+            return Endpoint(url, record["port"], record["device"], record["pid"], "reused", health.settings_hash), ()
+        changed = tuple(differences(running, wanted))
+        if not needs_restart(list(changed)):
+            updated = self._reconfigure(url, wanted)
+            if updated is not None and updated.settings_hash == settings_hash(wanted):
+                self._write_record(slot, {**record, "settings_hash": updated.settings_hash})
+                endpoint = Endpoint(url, record["port"], record["device"], record["pid"], "reconfigured",
+                                    updated.settings_hash, changed)  # fmt: skip
+                return endpoint, changed
+            return None, changed
+        if self._await_idle(record):
+            return None, changed
+        log.warning("GPU server %s runs other settings (%s) and is still busy after %.0f s: kept as it is",
+                    url, ", ".join(changed), self.restart_wait_s)  # fmt: skip
+        endpoint = Endpoint(url, record["port"], record["device"], record["pid"], "busy-kept",
+                            health.settings_hash or "", changed)  # fmt: skip
+        return endpoint, changed
+
+    def _reconfigure(self, url: str, wanted: ServerSettings) -> ServerHealth | None:
+        headers = {"Content-Type": "application/json"}
+        if wanted.bearer_token:
+            headers["Authorization"] = f"Bearer {wanted.bearer_token}"
+        try:
+            response = httpx.post(f"{url}/v1/settings", content=wanted.to_json(include_token=False),
+                                  headers=headers, timeout=self.health_timeout_s)  # fmt: skip
+        except httpx.HTTPError as error:
+            log.warning("GPU server %s: settings update failed (%s); restarting it", url, error)
+            return None
+        if response.status_code != 200:
+            log.warning("GPU server %s refused the settings update (HTTP %s: %s); restarting it",
+                        url, response.status_code, response.text[:200])  # fmt: skip
+            return None
+        return ServerHealth.from_json(response.json())
+
+    def _await_idle(self, record: dict[str, Any]) -> bool:
+        """Whether the server has nothing queued, in flight or being answered within restart_wait_s."""
+        deadline = time.monotonic() + self.restart_wait_s
+        while True:
+            health = self._probe(record["host"], record["port"])
+            if health is None or (not health.active_requests and not health.queue_size and not health.in_flight):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+    def _start(
+        self, device: str, slot: str, settings: ServerSettings, action: Action, changed: tuple[str, ...]
+    ) -> Endpoint:
+        _, visible = _child_device(device)
         env = os.environ.copy()
         env.update(self.extra_env)
         env["CUDA_VISIBLE_DEVICES"] = visible
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-        env.pop(TOKEN_ENV_VAR, None)
-        if settings.bearer_token:
-            env[TOKEN_ENV_VAR] = settings.bearer_token
-        log_path = self.state_dir / f"gpu-server-{port}.log"
-        command = [self.python, "-m", SERVER_MODULE, *settings_to_args(settings)]
+        settings_file = self.state_dir / f"gpu-server-{slot}.settings.json"
+        _write_private(settings_file, settings.to_json())
+        port_file = self.state_dir / f"gpu-server-{slot}.port"
+        port_file.unlink(missing_ok=True)
+        log_path = self.state_dir / f"gpu-server-{slot}.log"
+        command = [self.python, "-m", SERVER_MODULE, "--settings-file", str(settings_file),
+                   "--port-file", str(port_file)]  # fmt: skip
         with open(log_path, "ab") as log_file:
             log_file.write(
                 f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n".encode()
@@ -173,23 +293,41 @@ class GpuServerLauncher:
                 start_new_session=True,  # outlives the caller and its Ctrl-C
             )
         record = {
+            "slot": slot,
             "pid": process.pid,
             "create_time": psutil.Process(process.pid).create_time(),
-            "port": port,
-            "host": host,
-            "url": _url(host, port),
+            "port": settings.port,
+            "host": settings.host,
+            "url": _url(settings.host, settings.port),
             "device": device,
             "cuda_visible_devices": visible,
-            "model_path": settings.model_path,
+            "model_path": settings.model.model_path,
+            "settings_file": str(settings_file),
+            "settings_hash": settings_hash(settings),
             "log": str(log_path),
             "started_at": time.time(),
         }
-        self._write_record(port, record)
-        if self._await_ready(record, started_here=True) is None:
-            raise AssertionError("unreachable: _await_ready raises for servers started here")
-        return Endpoint(record["url"], port, device, process.pid, reused=False)
+        self._write_record(slot, record)
+        port = self._await_port(record, port_file)
+        record.update(port=port, url=_url(settings.host, port))
+        self._write_record(slot, record)
+        self._await_ready(record, started_here=True)
+        return Endpoint(record["url"], port, device, process.pid, action, record["settings_hash"], changed)
 
-    def _await_ready(self, record: dict[str, Any], *, started_here: bool) -> dict[str, Any] | None:
+    def _await_port(self, record: dict[str, Any], port_file: Path) -> int:
+        """The port the new server bound (it writes it before loading the model)."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                return int(port_file.read_text())
+            if not self._alive(record):
+                raise ServerStartError(f"server in slot {record['slot']} exited:\n{_tail(record['log'])}")
+            time.sleep(0.1)
+        _terminate(record["pid"], 10.0)
+        raise ServerStartError(f"server in slot {record['slot']} bound no port in {self.startup_timeout_s:.0f}s\n"
+                               f"{_tail(record['log'])}")  # fmt: skip
+
+    def _await_ready(self, record: dict[str, Any], *, started_here: bool) -> ServerHealth | None:
         """/health of the recorded server once ready; None (reused servers) or ServerStartError if never."""
         deadline = time.monotonic() + self.startup_timeout_s
         unreachable_since: float | None = None
@@ -199,17 +337,16 @@ class GpuServerLauncher:
                     raise ServerStartError(f"server on port {record['port']} exited:\n{_tail(record['log'])}")
                 return None
             health = self._probe(record["host"], record["port"])
-            if health is not None and health.get("pid") not in (None, record["pid"]):
+            if health is not None and health.pid not in (None, record["pid"]):
                 health = None  # another process answers on this port
-            status = health.get("status") if health else None
-            if status == "ready":
+            status = health.status if health else None
+            if health is not None and status == "ready":
                 return health
-            if status in ("failed", "draining"):
+            if health is not None and status in ("failed", "draining"):
                 if started_here:
                     _terminate(record["pid"], 10.0)
                     raise ServerStartError(
-                        f"server on port {record['port']} is {status}: {health.get('error') if health else ''}\n"
-                        f"{_tail(record['log'])}"
+                        f"server on port {record['port']} is {status}: {health.error or ''}\n{_tail(record['log'])}"
                     )
                 return None
             if status is None:
@@ -229,11 +366,10 @@ class GpuServerLauncher:
 
     # ----- helpers -----
 
-    def _probe(self, host: str, port: int) -> dict[str, Any] | None:
+    def _probe(self, host: str, port: int) -> ServerHealth | None:
         try:
-            response = httpx.get(f"{_url(host, port)}/health", timeout=self.health_timeout_s)
-            return response.json()
-        except (httpx.HTTPError, ValueError):
+            return fetch_health(_url(host, port), self.health_timeout_s)
+        except HealthUnavailable:
             return None
 
     @staticmethod
@@ -252,32 +388,46 @@ class GpuServerLauncher:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
 
-    def _lock(self, port: int) -> FileLock:
+    def _lock(self, slot: str) -> FileLock:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.state_dir / f"gpu-server-{port}.lock"), timeout=self.startup_timeout_s + 60)
+        return FileLock(str(self.state_dir / f"gpu-server-{slot}.lock"), timeout=self.startup_timeout_s + 60)
 
-    def _record_path(self, port: int) -> Path:
-        return self.state_dir / f"gpu-server-{port}.json"
+    def _record_path(self, slot: str) -> Path:
+        return self.state_dir / f"gpu-server-{slot}.json"
 
-    def _read_record(self, port: int) -> dict[str, Any] | None:
+    def _read_record(self, slot: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._record_path(port).read_text())
+            return json.loads(self._record_path(slot).read_text())
         except (OSError, ValueError):
             return None
 
-    def _write_record(self, port: int, record: dict[str, Any]) -> None:
-        path = self._record_path(port)
+    def _write_record(self, slot: str, record: dict[str, Any]) -> None:
+        path = self._record_path(slot)
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(record, indent=2))
         temporary.replace(path)
 
-    def _recorded_ports(self) -> list[int]:
-        ports = []
+    def _forget(self, slot: str) -> None:
+        self._record_path(slot).unlink(missing_ok=True)
+        (self.state_dir / f"gpu-server-{slot}.settings.json").unlink(missing_ok=True)
+
+    def _recorded_slots(self) -> list[str]:
+        slots = []
         for path in self.state_dir.glob("gpu-server-*.json"):
-            suffix = path.stem.rpartition("-")[2]
-            if suffix.isdigit():
-                ports.append(int(suffix))
-        return ports
+            slot = path.name.removeprefix("gpu-server-").removesuffix(".json")
+            if not slot.endswith(".settings"):
+                slots.append(slot)
+        return sorted(slots)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by the owner only (the settings may carry the bearer token)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    temporary.replace(path)
 
 
 def _url(host: str, port: int) -> str:
@@ -314,33 +464,82 @@ def _tail(path: str, lines: int = 40) -> str:
 # ----- command line: `imgpipe gpu-server start|stop|status` is wired to launcher_main -----
 
 
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    """Flags for every ServerSettings field a person may set by hand, named after the field."""
+    from imgpipe_dagster.gpu_server.settings import ModelSettings
+    from imgpipe_dagster.profiles import PROFILE_NAMES, GpuServerProfile
+
+    parser.add_argument("--model", dest="model_path", help="local model directory (start: required)")
+    parser.add_argument("--profile", choices=PROFILE_NAMES, default="medium",
+                        help="profile whose gpu_server values the servers start with (profiles/<name>.yaml)")
+    parser.add_argument("--token", dest="bearer_token", default=None,
+                        help="bearer token required by /v1/analyze, /v1/settings and /metrics")
+    parser.add_argument("--host", default="127.0.0.1", help="address the servers bind")
+    parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, default=0.0,
+                        help="seconds without work after which a server exits (0 = never)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights (benchmarks)")
+    typed = {"bool": _bool_arg, "int": int, "float": float, "str": str}
+    named = {"model_path", "random_weights", "device"}
+    for name, info in GpuServerProfile.model_fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typed[info.annotation.__name__],
+                            default=None, help="overrides the profile's value")  # fmt: skip
+    for item in dataclasses.fields(ModelSettings):
+        if item.name not in named and item.name not in GpuServerProfile.model_fields:
+            parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name,
+                                type=typed[str(item.type)], default=None)  # fmt: skip
+    for name in ("max_request_images", "max_request_bytes"):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+
+
+def _bool_arg(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def settings_from_options(options: argparse.Namespace) -> ServerSettings:
+    """The servers' settings: the profile through settings_map, then the flags given."""
+    from imgpipe_dagster.gpu_server.settings import ModelSettings
+    from imgpipe_dagster.profiles import GpuServerProfile, resolve
+    from imgpipe_dagster.settings_map import model_settings, server_settings
+
+    values = vars(options)
+    profile_overrides = {name: values[name] for name in GpuServerProfile.model_fields}
+    _, gpu = resolve(options.profile, gpu_overrides=profile_overrides)
+    model_extra = {item.name: values[item.name] for item in dataclasses.fields(ModelSettings)
+                   if values.get(item.name) is not None and item.name not in GpuServerProfile.model_fields
+                   and item.name != "model_path"}  # fmt: skip
+    if options.random_weights:
+        model_extra["random_weights"] = True
+    deployment = {name: values[name] for name in ("max_request_images", "max_request_bytes") if values[name] is not None}
+    return server_settings(
+        gpu, model_settings(gpu, options.model_path, **model_extra),
+        host=options.host, bearer_token=options.bearer_token, idle_timeout_s=options.idle_timeout_s, **deployment,
+    )  # fmt: skip
+
+
 def launcher_main(argv: Sequence[str] | None = None) -> int:
     """`start|stop|status` for the servers under --state-dir; prints JSON. Returns the exit code."""
-    from imgpipe_dagster.gpu_server.settings import build_arg_parser, settings_from_args
-
     parser = argparse.ArgumentParser(
         prog="imgpipe gpu-server", description="Manage the per-GPU inference servers."
     )
     parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument(
-        "--state-dir", default=os.environ.get("IMGPIPE_GPU_STATE_DIR", str(DEFAULT_STATE_DIR))
-    )
+    parser.add_argument("--state-dir", default=None, help="server records (default $IMGPIPE_HOME/gpu-servers)")
     parser.add_argument(
         "--devices", default=None, help="comma-separated devices (cuda:0,cuda:1 or cpu); default: every GPU"
     )
-    parser.add_argument("--base-port", type=int, default=8000)
+    parser.add_argument("--base-port", type=int, default=8000, help="first server's port; 0: any free ports")
     parser.add_argument("--startup-timeout", type=float, default=900.0)
-    options, server_args = parser.parse_known_args(argv)
+    _server_options(parser)
+    options = parser.parse_args(argv)
+    settings = None
     if options.action == "start":
-        if "--model" not in server_args:
-            parser.error(
-                "start needs --model PATH (and any server option, see python -m imgpipe_dagster.gpu_server -h)"
-            )
-        settings = settings_from_args(list(server_args))
-    else:
-        if server_args:
-            build_arg_parser().error(f"unexpected arguments for {options.action}: {' '.join(server_args)}")
-        settings = ServerSettings()
+        if not options.model_path:
+            parser.error("start needs --model PATH")
+        settings = settings_from_options(options)
     launcher = GpuServerLauncher(options.state_dir, settings, startup_timeout_s=options.startup_timeout)
     if options.action == "start":
         devices = options.devices.split(",") if options.devices else None
@@ -349,7 +548,7 @@ def launcher_main(argv: Sequence[str] | None = None) -> int:
         except ServerStartError as error:
             print(str(error), file=sys.stderr)
             return 1
-        print(json.dumps([endpoint.__dict__ for endpoint in endpoints], indent=2))
+        print(json.dumps([{**endpoint.__dict__, "reused": endpoint.reused} for endpoint in endpoints], indent=2))
     elif options.action == "stop":
         print(json.dumps({"stopped_ports": launcher.stop()}))
     else:

@@ -1,90 +1,124 @@
-"""Settings of one GPU inference server process.
+"""Typed settings of one GPU inference server process, and their JSON form.
 
-Field names follow the legacy ``llm_model/.env`` names in snake case; defaults are the legacy
-MEDIUM profile. New fields (host, port, device, ...) are documented where they are declared.
+``ServerSettings`` is everything a server runs with: the profile's GPU-server fields
+(``profiles/<name>.yaml`` under ``gpu_server:``), the model part ``ModelSettings`` that the inference
+engine reads, and the deployment fields (address, token, idle timeout, request caps).
+``imgpipe_dagster.settings_map`` builds it from a validated profile. The launcher hands it to the
+server process as one JSON file (``to_json`` / ``from_json``, which validates every field), never
+on the command line, so a bearer token never shows in ``ps``.
+
+Fields that hold a legacy ``llm_model/.env`` value (legacy names in snake case) have no default: a
+complete object comes from a profile. Fields marked "new" are ours and may default.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import hashlib
 import json
-import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from typing import Any
 
-# Environment variable the launcher uses to hand the bearer token to a server: a token on the
-# command line would be visible to every user through `ps`.
-TOKEN_ENV_VAR = "IMGPIPE_GPU_SERVER_TOKEN"
+
+class SettingsError(ValueError):
+    """A settings document is malformed; the message names the field."""
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    # --- legacy GPU worker settings (MEDIUM profile defaults) ---
-    # Batches allowed in the pipeline at once (being prepared on the CPU, prepared and waiting,
-    # or generating). generate() itself always runs one batch at a time per model, so values > 1
-    # buy overlap of CPU preparation with the GPU, not parallel generations. Prepare threads =
-    # max(1, max_concurrent_generations - 1).
-    max_concurrent_generations: int = 6
-    # Images allowed to wait for a batch; a request that would exceed it gets 429 + Retry-After.
-    max_inference_queue_size: int = 1000
-    # Most requests merged into one generate() call. A legacy request carried one image; ours carry
-    # a client-side mini-batch (images_per_request), so the GPU batch grows with the request size
-    # while this stays the legacy number. Images per generate() are capped by max_batch_images.
-    max_inference_batch_size: int = 4
-    # Seconds a batch waits for more images after its first image arrived, before it goes anyway.
-    batch_wait_timeout: float = 0.08
-    # Seconds one batch is assumed to take until the first batch has been measured (Retry-After).
-    gen_time_default_est: float = 3.5
-    # Every N generate() calls (0 = never): release the CUDA caching allocator's free blocks, and free
-    # host heap pages (malloc_trim).
-    clear_cache_every_n_requests: int = 30
-    # Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts (less fragmentation).
-    enable_memory_defrag: bool = True
-    # Use fp16 where the GPU lacks bf16 (bf16 is preferred where supported).
-    use_fp16: bool = True
-    # Allow TF32 matmuls on Ampere and newer.
-    enable_tf32: bool = True
-    # Use flash-attention 2 when importable, SDPA otherwise.
-    use_flash_attention: bool = True
-    # Most tokens generated per image (greedy decoding).
-    max_new_tokens: int = 128
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """What the inference engine (inference.py) needs to load and run one model."""
 
-    # --- new fields ---
-    # Address to bind; loopback unless the server must be reached from other hosts.
-    host: str = "127.0.0.1"
-    # TCP port to listen on (GPU 0 -> 8000, GPU 1 -> 8001, ...).
-    port: int = 8000
-    # Torch device the model runs on: "cuda:0" (the launcher narrows CUDA_VISIBLE_DEVICES) or "cpu".
+    # Local model directory (or a model id in the local HF cache; loading is offline).
+    model_path: str
+    # new: torch device, "cuda:0" (the launcher narrows CUDA_VISIBLE_DEVICES to one GPU) or "cpu".
     device: str = "cpu"
-    # Local model directory (or a model id resolvable from the local HF cache, offline).
-    model_path: str = ""
-    # When set, /v1/analyze and /metrics require `Authorization: Bearer <token>`; /health stays open.
-    bearer_token: str | None = None
-    # Exit after this many seconds without analyze requests and with nothing queued (0 = never).
-    idle_timeout_s: float = 0.0
-    # Build the model from its config with random weights (benchmarks of an architecture).
+    # Legacy USE_FP16: half precision (bf16 where the GPU supports it, fp16 otherwise); fp32 when off or on CPU.
+    use_fp16: bool
+    # Legacy ENABLE_TF32: allow TF32 matmuls for any fp32 work (Ampere and newer).
+    enable_tf32: bool
+    # Legacy USE_FLASH_ATTENTION: flash-attention 2 when importable, SDPA otherwise.
+    use_flash_attention: bool
+    # Legacy MAX_NEW_TOKENS: most tokens generated per image (greedy decoding).
+    max_new_tokens: int
+    # Legacy CLEAR_CACHE_EVERY_N_REQUESTS: every N generate() calls (0 = never) release the CUDA
+    # caching allocator's free blocks and free host heap pages (malloc_trim).
+    clear_cache_every_n_requests: int
+    # Legacy ENABLE_MEMORY_DEFRAG: expandable CUDA allocator segments (set before CUDA starts).
+    enable_memory_defrag: bool
+    # new: fewest pixels of an image after sizing to the 28-px grid (visual token floor).
+    min_pixels: int = 28 * 28 * 4
+    # new: most pixels of an image after sizing (visual token cap: 448*448 = 256 image tokens).
+    max_pixels: int = 448 * 448
+    # new: HF backend only: static KV cache with a compiled decode step (the fast backend always uses one).
+    static_cache: bool = False
+    # new: torch.compile the vision tower's blocks (fast backend; costs compile time at the first batch).
+    compile_vision: bool = False
+    # new: torch.compile the language model's per-layer step functions (fast backend).
+    compile_language: bool = False
+    # new: force at least this many new tokens (benchmarks force exactly max_new_tokens).
+    min_new_tokens: int = 0
+    # new: build the model from config.json with random weights (architecture benchmarks).
     random_weights: bool = False
-    # Most images in one generate() call (GPU memory bound; a CUDA OOM still splits a batch).
-    max_batch_images: int = 256
-    # Most images in one request (413 above it); also capped by max_inference_queue_size.
+    # new: "auto" (fast on CUDA, hf on CPU), "fast" or "hf".
+    backend: str = "auto"
+    # new: fast backend: rows processed together in the vision tower and in prefill (activation memory).
+    chunk_size: int = 128
+    # new: fast backend: capture the decode step as a CUDA graph (CUDA only).
+    cuda_graphs: bool = True
+    # new: seed for random weights, so two servers of one architecture hold the same model.
+    seed: int = 0
+    # new: CPU only: torch threads of this process. CPU inference serves tests and demos where several
+    # servers and the pipeline share a few cores; one thread each avoids OpenMP spin-waits that made
+    # a tiny model 4-5x slower on a loaded 2-core machine. Raise it for a real model on a large CPU.
+    cpu_threads: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    # Legacy MAX_CONCURRENT_GENERATIONS: batches allowed in the pipeline at once (being prepared on the
+    # CPU, prepared and waiting, or generating). generate() always runs one batch at a time per model,
+    # so values > 1 buy overlap of CPU preparation with the GPU. Prepare threads = max(1, value - 1).
+    max_concurrent_generations: int
+    # Legacy MAX_INFERENCE_QUEUE_SIZE: images allowed to wait for a batch; more gets 429 + Retry-After.
+    max_inference_queue_size: int
+    # Legacy MAX_INFERENCE_BATCH_SIZE: most requests merged into one generate() call. A legacy request
+    # carried one image; ours carry a client-side mini-batch, so images per generate() are capped by
+    # max_batch_images instead.
+    max_inference_batch_size: int
+    # Legacy BATCH_WAIT_TIMEOUT: seconds a batch waits for more images after its first one arrived.
+    batch_wait_timeout: float
+    # Legacy GEN_TIME_DEFAULT_EST: seconds one batch is assumed to take until one was measured (Retry-After).
+    gen_time_default_est: float
+    # new (profile): most images in one generate() call (GPU memory bound; a CUDA OOM still splits a batch).
+    max_batch_images: int
+    # The model part: legacy model flags and how the model is loaded.
+    model: ModelSettings
+    # new: address to bind; loopback unless the server must be reached from other hosts.
+    host: str = "127.0.0.1"
+    # new: TCP port to listen on (GPU 0 -> 8000, GPU 1 -> 8001, ...); 0 = any free port, reported back.
+    port: int = 8000
+    # new: when set, /v1/analyze, /v1/settings and /metrics require `Authorization: Bearer <token>`.
+    bearer_token: str | None = None
+    # new: exit after this many seconds without analyze requests and with nothing queued (0 = never).
+    idle_timeout_s: float = 0.0
+    # new: most images in one request (413 above it); also capped by max_inference_queue_size.
     max_request_images: int = 256
-    # Most bytes in one request body (413 above it).
+    # new: most bytes in one request body (413 above it).
     max_request_bytes: int = 64 * 1024 * 1024
-    # Extra keyword settings handed to the inference engine's ModelSettings unchanged.
-    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_inference_batch_size < 1:
-            raise ValueError("max_inference_batch_size must be >= 1")
-        if self.max_batch_images < 1:
-            raise ValueError("max_batch_images must be >= 1")
-        if self.max_inference_queue_size < 1:
-            raise ValueError("max_inference_queue_size must be >= 1")
-        if self.max_concurrent_generations < 1:
-            raise ValueError("max_concurrent_generations must be >= 1")
+        for name in ("max_inference_batch_size", "max_batch_images", "max_inference_queue_size",
+                     "max_concurrent_generations", "max_request_images", "max_request_bytes"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_timeout < 0:
-            raise ValueError("batch_wait_timeout must be >= 0")
+            raise SettingsError("batch_wait_timeout must be >= 0")
+        if self.model.max_new_tokens < 1:
+            raise SettingsError("model.max_new_tokens must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be in 0..65535, got {self.port}")
 
     @property
     def request_image_cap(self) -> int:
@@ -98,87 +132,129 @@ class ServerSettings:
     def replace(self, **changes: Any) -> ServerSettings:
         return dataclasses.replace(self, **changes)
 
+    def replace_model(self, **changes: Any) -> ServerSettings:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
 
-def _bool_arg(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    # ----- JSON: the one form that crosses the process boundary -----
+
+    def to_dict(self, *, include_token: bool = True) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        if not include_token:
+            values.pop("bearer_token")
+        return values
+
+    def to_json(self, *, include_token: bool = True) -> str:
+        return json.dumps(self.to_dict(include_token=include_token), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> ServerSettings:
+        return _build(cls, values, "settings")
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerSettings:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SettingsError(f"server settings are not JSON: {error}") from None
+        return cls.from_dict(values)
 
 
-# Fields the command line does not expose (structured values).
-_NOT_ON_COMMAND_LINE = {"engine_options", "bearer_token", "model_path", "random_weights"}
+# Fields that describe where a server listens or who may call it, not what it runs: left out of the
+# settings hash and of the comparison between a running server and a run's wanted settings.
+PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token"})
+# Fields a running server takes over without a restart (POST /v1/settings): batching, queue sizes
+# and generation length. Everything else (model, device, dtype flags, compile switches) needs a new process.
+LIVE_FIELDS = frozenset({
+    "max_concurrent_generations", "max_inference_queue_size", "max_inference_batch_size",
+    "batch_wait_timeout", "gen_time_default_est", "max_batch_images", "max_request_images",
+    "max_request_bytes", "model.max_new_tokens", "model.clear_cache_every_n_requests",
+})  # fmt: skip
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m imgpipe_dagster.gpu_server",
-        description="Batched Qwen-VL inference server (one process per GPU).",
-    )
-    parser.add_argument("--model", dest="model_path", required=True, help="local model directory")
-    parser.add_argument(
-        "--token",
-        dest="bearer_token",
-        default=None,
-        help=f"bearer token required by /v1/analyze and /metrics (or env {TOKEN_ENV_VAR})",
-    )
-    parser.add_argument(
-        "--random-weights", dest="random_weights", action="store_true", help="random weights (benchmarks)"
-    )
-    parser.add_argument(
-        "--engine-option",
-        dest="engine_options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra ModelSettings field for the inference engine (value parsed as JSON when possible)",
-    )
-    defaults = ServerSettings()
-    for settings_field in dataclasses.fields(ServerSettings):
-        if settings_field.name in _NOT_ON_COMMAND_LINE:
+def _flat(settings: ServerSettings) -> dict[str, Any]:
+    values = settings.to_dict(include_token=False)
+    model = values.pop("model")
+    flat = {name: value for name, value in values.items() if name not in PLACEMENT_FIELDS}
+    flat.update({f"model.{name}": value for name, value in model.items()})
+    return flat
+
+
+def settings_hash(settings: ServerSettings) -> str:
+    """Hash of what a server runs (placement and token excluded): equal hashes, same behaviour."""
+    canonical = json.dumps(_flat(settings), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def differences(running: ServerSettings, wanted: ServerSettings) -> list[str]:
+    """Names of the fields (``model.`` prefixed for the model part) whose values differ."""
+    old, new = _flat(running), _flat(wanted)
+    return sorted(name for name in new if old.get(name) != new[name])
+
+
+def needs_restart(changed: list[str]) -> list[str]:
+    """The changed fields a running server cannot take over live."""
+    return [name for name in changed if name not in LIVE_FIELDS]
+
+
+def apply_live(running: ServerSettings, wanted: ServerSettings) -> ServerSettings:
+    """``running`` with the live fields of ``wanted``; SettingsError when anything else differs."""
+    changed = differences(running, wanted)
+    blocked = needs_restart(changed)
+    if blocked:
+        raise SettingsError(f"these settings need a server restart: {', '.join(blocked)}")
+    model_changes = {n.partition(".")[2]: getattr(wanted.model, n.partition(".")[2]) for n in changed
+                     if n.startswith("model.")}  # fmt: skip
+    top_changes = {name: getattr(wanted, name) for name in changed if not name.startswith("model.")}
+    return running.replace(**top_changes).replace_model(**model_changes)
+
+
+# ----- strict loading of a settings document -----
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise SettingsError(f"{where}: expected an object, got {type(values).__name__}")
+    declared = {item.name: item for item in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise SettingsError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, item in declared.items():
+        if name not in values:
+            if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+                raise SettingsError(f"{where}.{name}: missing")
             continue
-        default = getattr(defaults, settings_field.name)
-        flag = "--" + settings_field.name.replace("_", "-")
-        if settings_field.name == "idle_timeout_s":
-            flag = "--idle-timeout"
-        arg_type: Any = {bool: _bool_arg, int: int, float: float}.get(type(default), str)
-        parser.add_argument(flag, dest=settings_field.name, type=arg_type, default=default)
-    return parser
-
-
-def _parse_engine_option(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--engine-option expects KEY=VALUE, got {item!r}")
+        kwargs[name] = _typed(hints[name], values[name], f"{where}.{name}")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        return cls(**kwargs)
+    except SettingsError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise SettingsError(f"{where}: {error}") from None
 
 
-def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
-    namespace = build_arg_parser().parse_args(argv)
-    values = vars(namespace)
-    values["engine_options"] = dict(_parse_engine_option(item) for item in values["engine_options"])
-    if not values.get("bearer_token"):
-        values["bearer_token"] = os.environ.get(TOKEN_ENV_VAR) or None
-    return ServerSettings(**values)
-
-
-def settings_to_args(settings: ServerSettings) -> list[str]:
-    """Command-line arguments that rebuild ``settings`` in a child process (token excluded)."""
-    args = ["--model", settings.model_path]
-    if settings.random_weights:
-        args.append("--random-weights")
-    for key, value in settings.engine_options.items():
-        args += ["--engine-option", f"{key}={json.dumps(value)}"]
-    for settings_field in dataclasses.fields(ServerSettings):
-        if settings_field.name in _NOT_ON_COMMAND_LINE:
-            continue
-        flag = "--" + settings_field.name.replace("_", "-")
-        if settings_field.name == "idle_timeout_s":
-            flag = "--idle-timeout"
-        args += [flag, str(getattr(settings, settings_field.name))]
-    return args
+def _typed(annotation: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _typed(inner, value, where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise SettingsError(f"{where}: unsupported field type {annotation!r}")
+    raise SettingsError(f"{where}: expected {annotation.__name__}, got {value!r}")

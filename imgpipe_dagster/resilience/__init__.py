@@ -8,16 +8,9 @@ from imgpipe_dagster.resilience.breaker import BreakerSet, BreakerState, Circuit
 from imgpipe_dagster.resilience.limiter import AdaptiveLimiter, LimiterSlot, QueueFull, QueueTimeout
 from imgpipe_dagster.resilience.retry import RetryPolicy, parse_retry_after
 from imgpipe_dagster.resilience.router import Lease, Router
-from imgpipe_dagster.resilience.settings import (
-    LEGACY_PROFILES,
-    BreakerSettings,
-    LimiterSettings,
-    RetrySettings,
-    legacy_profile,
-)
+from imgpipe_dagster.resilience.settings import BreakerSettings, LimiterSettings, RetrySettings
 
 __all__ = [
-    "LEGACY_PROFILES",
     "AdaptiveLimiter",
     "BreakerSet",
     "BreakerSettings",
@@ -32,6 +25,5 @@ __all__ = [
     "RetryPolicy",
     "RetrySettings",
     "Router",
-    "legacy_profile",
     "parse_retry_after",
 ]

@@ -81,12 +81,12 @@ class CircuitBreaker:
     def __init__(
         self,
         name: str,
-        settings: BreakerSettings | None = None,
+        settings: BreakerSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self.settings = settings or BreakerSettings()
+        self.settings = settings
         self._clock = clock
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED

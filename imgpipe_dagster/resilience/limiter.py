@@ -61,14 +61,14 @@ class AdaptiveLimiter:
 
     def __init__(
         self,
-        name: str = "gpu",
-        settings: LimiterSettings | None = None,
+        name: str,
+        settings: LimiterSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.name = name
-        self.settings = settings or LimiterSettings()
+        self.settings = settings
         self._clock = clock
         self._sleep = sleep
         self._limit = self.settings.initial_limit

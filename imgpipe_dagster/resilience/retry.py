@@ -27,8 +27,8 @@ logger = logging.getLogger("imgpipe.resilience")
 
 
 class RetryPolicy:
-    def __init__(self, settings: RetrySettings | None = None, *, rng: random.Random | None = None) -> None:
-        self.settings = settings or RetrySettings()
+    def __init__(self, settings: RetrySettings, *, rng: random.Random | None = None) -> None:
+        self.settings = settings
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._tokens = self.settings.retry_budget_initial_tokens

@@ -87,8 +87,8 @@ class Router:
     def __init__(
         self,
         endpoints: list[str],
-        limiter_settings: LimiterSettings | None = None,
-        breaker_settings: BreakerSettings | None = None,
+        limiter_settings: LimiterSettings,
+        breaker_settings: BreakerSettings,
         *,
         names: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -100,8 +100,8 @@ class Router:
         names = names or [f"gpu{index}" for index in range(len(endpoints))]
         if len(names) != len(endpoints):
             raise ValueError("names and endpoints differ in length")
-        self.limiter_settings = limiter_settings or LimiterSettings()
-        self.breaker_settings = breaker_settings or BreakerSettings()
+        self.limiter_settings = limiter_settings
+        self.breaker_settings = breaker_settings
         self._clock = clock
         self._sleep = sleep
         self.wait_log_interval_s = wait_log_interval_s

@@ -1,7 +1,8 @@
 """Typed settings for the adaptive limiter, the circuit breaker and the retry policy.
 
-Field names are the legacy ``.env`` names in lower-case snake_case; defaults are the legacy
-MEDIUM profile. Fields the legacy did not have are marked "new". ``docs/RESILIENCE.md``
+Field names are the legacy ``.env`` names in lower-case snake_case. Fields holding a legacy value
+have no default: ``imgpipe_dagster.settings_map`` fills them from a profile (``profiles/<name>.yaml``).
+Fields the legacy did not have are marked "new" and may default. ``docs/RESILIENCE.md``
 explains every field in prose, including how the legacy rates map onto a concurrency limit.
 """
 
@@ -11,40 +12,40 @@ import math
 from dataclasses import dataclass, field, replace
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LimiterSettings:
     """Adaptive concurrency limiter for one GPU server (and the per-run cap the router applies)."""
 
     # Starting request rate (req/s); converted into the starting concurrency limit (see initial_limit).
-    resilience_initial_rate: float = 10.0
+    resilience_initial_rate: float
     # Rate floor (req/s); converted into the lowest concurrency limit the limiter may fall to.
-    resilience_min_rate: float = 6.0
+    resilience_min_rate: float
     # Hard ceiling on request starts per second towards one server (a token-spacing pacer).
-    resilience_max_rate: float = 30.0
+    resilience_max_rate: float
     # Highest concurrency limit (requests in flight) towards one server.
-    resilience_max_concurrent: int = 24
+    resilience_max_concurrent: int
     # Most callers allowed to wait for a slot; one more raises QueueFull.
-    resilience_max_queue: int = 1000
+    resilience_max_queue: int
     # Per-run cap on GPU requests in flight across all servers (the router enforces it; 0 = no cap).
-    max_concurrent_requests: int = 12
+    max_concurrent_requests: int
     # Mean latency at or under which the limiter may grow (ms).
-    target_response_time_ms: float = 5000.0
+    target_response_time_ms: float
     # Mean latency above which the limiter decreases by rate_decrease_factor (ms).
-    slow_threshold_ms: float = 45000.0
+    slow_threshold_ms: float
     # Latency above which a decrease uses rate_critical_decrease_factor instead (ms).
-    critical_threshold_ms: float = 90000.0
+    critical_threshold_ms: float
     # Seconds between latency-driven adjustments (losses act at once, see rate_decrease_factor).
-    rate_adjustment_interval: float = 10.0
+    rate_adjustment_interval: float
     # Most recent completed requests whose latencies form the control window.
-    rate_window_size: int = 100
+    rate_window_size: int
     # Growth per interval when the limit is in use and latency is healthy (at least +1 slot).
-    rate_increase_factor: float = 1.08
+    rate_increase_factor: float
     # Multiplier applied on a loss (429, timeout, error) or a slow window.
-    rate_decrease_factor: float = 0.92
+    rate_decrease_factor: float
     # Multiplier applied when the loss or the window is past critical_threshold_ms.
-    rate_critical_decrease_factor: float = 0.7
+    rate_critical_decrease_factor: float
     # Longest a caller may wait for a slot before QueueTimeout (s).
-    queue_timeout: float = 240.0
+    queue_timeout: float
     # new: mean latency above this multiple of the no-load baseline means the server is queueing: decrease.
     latency_tolerance: float = 1.3
     # new: the baseline is the lowest window mean over this many recent adjustment windows.
@@ -98,20 +99,20 @@ class LimiterSettings:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BreakerSettings:
     """Circuit breaker for one GPU server or one image host."""
 
     # Weighted failures that open the breaker once the window is full (legacy count; see window fields).
-    circuit_failure_threshold: int = 75
+    circuit_failure_threshold: int
     # Probe successes in half-open that close the breaker.
-    circuit_success_threshold: int = 3
+    circuit_success_threshold: int
     # Seconds the breaker stays open before it admits probes.
-    circuit_timeout_seconds: float = 45.0
+    circuit_timeout_seconds: float
     # A successful call slower than this counts as a failure (ms).
-    slow_call_threshold_ms: float = 60000.0
+    slow_call_threshold_ms: float
     # Weight of a timeout in the failure rate (an ordinary failure weighs 1).
-    timeout_failure_weight: float = 1.5
+    timeout_failure_weight: float
     # new: weighted failure share of the window that opens the breaker.
     circuit_failure_rate_threshold: float = 0.5
     # new: calls in the count-based window; None = circuit_failure_threshold / circuit_failure_rate_threshold.
@@ -159,14 +160,14 @@ class BreakerSettings:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetrySettings:
     """Retry policy for one kind of call (GPU request or image download)."""
 
     # Retries after the first attempt (so at most 1 + retry_attempts attempts).
-    retry_attempts: int = 2
+    retry_attempts: int
     # Base delay of exponential backoff with full jitter (s): retry n waits U(0, retry_delay * 2**(n-1)).
-    retry_delay: float = 1.0
+    retry_delay: float
     # new: cap on one backoff delay (s).
     max_backoff_s: float = 60.0
     # new: retries may add at most this share of first attempts (token bucket).
@@ -180,55 +181,4 @@ class RetrySettings:
     # new: HTTP statuses worth retrying.
     retryable_statuses: frozenset[int] = field(
         default_factory=lambda: frozenset({408, 425, 429, 500, 502, 503, 504})
-    )
-
-
-# Legacy profile values (shared/legacy/GPU_PROFILES.md), for the bench and for profile loaders.
-LEGACY_PROFILES: dict[str, dict[str, dict[str, float]]] = {
-    "conservative": {
-        "limiter": dict(
-            resilience_initial_rate=6.0, resilience_min_rate=4.0, resilience_max_rate=20.0,
-            resilience_max_concurrent=16, resilience_max_queue=500, max_concurrent_requests=8,
-            target_response_time_ms=8000, slow_threshold_ms=60000, critical_threshold_ms=120000,
-            rate_adjustment_interval=15.0, rate_window_size=50, rate_increase_factor=1.05,
-            rate_decrease_factor=0.95, rate_critical_decrease_factor=0.8, queue_timeout=300,
-        ),
-        "breaker": dict(
-            circuit_failure_threshold=100, circuit_success_threshold=3, circuit_timeout_seconds=60,
-            slow_call_threshold_ms=90000, timeout_failure_weight=1.0,
-        ),
-        "retry": dict(retry_attempts=3, retry_delay=2.0),
-        "request_timeout": 180,
-    },
-    "medium": {
-        "limiter": {},
-        "breaker": {},
-        "retry": {},
-        "request_timeout": 120,
-    },
-    "aggressive": {
-        "limiter": dict(
-            resilience_initial_rate=15.0, resilience_min_rate=8.0, resilience_max_rate=50.0,
-            resilience_max_concurrent=40, resilience_max_queue=2000, max_concurrent_requests=20,
-            target_response_time_ms=4000, slow_threshold_ms=30000, critical_threshold_ms=60000,
-            rate_adjustment_interval=8.0, rate_window_size=150, rate_increase_factor=1.12,
-            rate_decrease_factor=0.90, rate_critical_decrease_factor=0.6, queue_timeout=180,
-        ),
-        "breaker": dict(
-            circuit_failure_threshold=50, circuit_success_threshold=5, circuit_timeout_seconds=30,
-            slow_call_threshold_ms=45000, timeout_failure_weight=2.0,
-        ),
-        "retry": dict(retry_attempts=2, retry_delay=0.5),
-        "request_timeout": 90,
-    },
-}
-
-
-def legacy_profile(name: str) -> tuple[LimiterSettings, BreakerSettings, RetrySettings]:
-    """The three settings objects for a legacy profile name (conservative, medium, aggressive)."""
-    values = LEGACY_PROFILES[name]
-    return (
-        LimiterSettings(**values["limiter"]),
-        BreakerSettings(**values["breaker"]),
-        RetrySettings(**values["retry"]),
     )

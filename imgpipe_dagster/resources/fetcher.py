@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import os
-
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from imgpipe_dagster.environment import ALLOWED_NETWORKS_ENV
 from imgpipe_dagster.fetch.settings import DEFAULT_USER_AGENT, FetchSettings
 from imgpipe_dagster.profiles import WorkerProfile
-
-ALLOWED_NETWORKS_ENV = "IMGPIPE_ALLOWED_NETWORKS"
+from imgpipe_dagster.settings_map import fetch_settings
 
 
 class FetcherResource(ConfigurableResource):
@@ -19,25 +17,19 @@ class FetcherResource(ConfigurableResource):
     allowed_networks: list[str] = Field(
         default_factory=list,
         description="CIDR networks exempt from the private-address block (tests, a demo on 127.0.0.1); "
-        f"${ALLOWED_NETWORKS_ENV} (comma-separated) adds to it",
+        f"definitions.py fills it from ${ALLOWED_NETWORKS_ENV} (comma-separated)",
     )
     max_bytes: int = Field(default=20 * 1024 * 1024, description="largest download accepted, bytes")
     max_image_pixels: int = Field(default=40_000_000, description="larger images are refused before decoding")
     target_pixels: int = Field(default=448 * 448, description="pixel budget of the resized image sent to the model")
 
     def settings(self, worker: WorkerProfile) -> FetchSettings:
-        extra = [n.strip() for n in os.environ.get(ALLOWED_NETWORKS_ENV, "").split(",") if n.strip()]
-        return FetchSettings(
-            connection_pool_size=worker.connection_pool_size,
-            enable_keepalive=worker.enable_keepalive,
-            enable_prefetch=worker.enable_prefetch,
-            prefetch_queue_size=worker.prefetch_queue_size,
-            prefetch_concurrent_downloads=worker.prefetch_concurrent_downloads,
-            prefetch_download_timeout=worker.prefetch_download_timeout,
-            image_resize_threads=worker.image_resize_threads,
+        """The profile's download fields with this resource's policy (settings_map.fetch_settings)."""
+        return fetch_settings(
+            worker,
             user_agent=self.user_agent,
             honour_noai_opt_out=self.honour_noai_opt_out,
-            allowed_networks=[*self.allowed_networks, *extra],
+            allowed_networks=list(self.allowed_networks),
             max_bytes=self.max_bytes,
             max_image_pixels=self.max_image_pixels,
             target_pixels=self.target_pixels,

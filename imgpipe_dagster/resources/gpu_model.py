@@ -1,28 +1,30 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
-import httpx
-from dagster import ConfigurableResource
-from pydantic import Field
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
 
+from imgpipe_dagster.environment import (
+    GPU_BASE_PORT_ENV,
+    GPU_DEVICES_ENV,
+    GPU_TOKEN_ENV,
+    MAX_NEW_TOKENS_ENV,
+    MODEL_PATH_ENV,
+)
+from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.gpu_server.settings import ServerSettings
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.profiles import GpuServerProfile
+from imgpipe_dagster.settings_map import model_settings, server_settings
 
 log = logging.getLogger("imgpipe.resources")
 
-MODEL_PATH_ENV = "IMGPIPE_MODEL_PATH"
-MAX_NEW_TOKENS_ENV = "IMGPIPE_MAX_NEW_TOKENS"
 # The tiny test model's text is noise: generating the profile's 128 tokens of it only costs CPU time.
 TINY_MODEL_MAX_NEW_TOKENS = 16
-TOKEN_ENV = "IMGPIPE_GPU_TOKEN"
-DEVICES_ENV = "IMGPIPE_GPU_DEVICES"
-BASE_PORT_ENV = "IMGPIPE_GPU_BASE_PORT"
 DEFAULT_BASE_PORT = 8000
 
 
@@ -30,99 +32,90 @@ class GpuModelResource(ConfigurableResource):
     """The Qwen-VL servers a run sends images to.
 
     ``managed``: health-check one server per GPU on base_port, base_port+1, … and start the missing
-    ones as detached processes (a lock per port, so two runs never start the same one). Servers stay
-    warm for the next run and leave after ``idle_timeout_s``. ``external``: only attach to
-    ``endpoints`` (servers on other machines, started with ``imgpipe gpu-server start``)."""
+    ones as detached processes (a lock per port, so two runs never start the same one). A running
+    server with other settings than the run's profile is reconfigured live or restarted once idle;
+    the run log says which. Servers stay warm for the next run and leave after ``idle_timeout_s``.
+    ``external``: only attach to ``endpoints`` (servers on other machines, started with
+    ``imgpipe gpu-server start``). definitions.py fills the fields from the environment."""
 
     mode: Literal["managed", "external"] = Field(default="managed")
     endpoints: list[str] = Field(default_factory=list, description="external mode: server base URLs")
     model_path: str | None = Field(
         default=None,
-        description=f"local Qwen2-VL / Qwen2.5-VL checkpoint; empty means ${MODEL_PATH_ENV}, else the tiny "
-        "random test model (its text is noise)",
+        description=f"local Qwen2-VL / Qwen2.5-VL checkpoint (${MODEL_PATH_ENV}); empty means the tiny random "
+        "test model (its text is noise)",
     )
     devices: list[str] | None = Field(
-        default=None, description=f"managed mode: devices (cuda:0, cpu…); empty means ${DEVICES_ENV} or every GPU"
+        default=None, description=f"managed mode: devices (cuda:0, cpu…; ${GPU_DEVICES_ENV}); empty means every GPU"
     )
-    base_port: int | None = Field(
-        default=None, description=f"managed mode: first server's port; empty means ${BASE_PORT_ENV}, else 8000"
+    base_port: int = Field(
+        default=DEFAULT_BASE_PORT,
+        description=f"managed mode: first server's port (${GPU_BASE_PORT_ENV}); 0 means any free port per server",
     )
     idle_timeout_s: float = Field(default=900.0, description="managed servers exit after this long unused")
     startup_timeout_s: float = Field(default=900.0)
-    token: str | None = Field(default=None, description=f"bearer token; empty means ${TOKEN_ENV}")
+    restart_wait_s: float = Field(
+        default=300.0, description="how long a run waits for a busy server to become idle before restarting it"
+    )
+    token: str | None = Field(default=None, description=f"bearer token (${GPU_TOKEN_ENV})")
+    max_new_tokens: int | None = Field(
+        default=None, description=f"overrides the profile's max_new_tokens (${MAX_NEW_TOKENS_ENV})"
+    )
     compile_model: bool = Field(
         default=True,
         description="GPU servers: torch.compile the vision tower and the language step (the measured H200 "
         "figures used it; the first batch pays the compile time). Ignored on the CPU.",
     )
+    # Dagster's logger of the run (or sensor) using the resource: what ensure_endpoints did reaches it.
+    _log: logging.Logger | logging.LoggerAdapter | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._log = context.log
 
     def bearer_token(self) -> str | None:
-        return self.token or os.environ.get(TOKEN_ENV) or None
+        return self.token or None
 
     def resolved_model_path(self) -> tuple[str, bool]:
         """(path, is_tiny_test_model)."""
-        configured = self.model_path or os.environ.get(MODEL_PATH_ENV)
-        if configured:
+        if self.model_path:
             from imgpipe_dagster.gpu_server.tiny_model import is_tiny_model
 
-            return configured, is_tiny_model(configured)
+            return self.model_path, is_tiny_model(self.model_path)
         return str(ensure_tiny_model()), True
 
-    def resolved_base_port(self) -> int:
-        return self.base_port or int(os.environ.get(BASE_PORT_ENV) or DEFAULT_BASE_PORT)
-
-    def resolved_devices(self) -> list[str] | None:
-        if self.devices:
-            return list(self.devices)
-        configured = os.environ.get(DEVICES_ENV)
-        return [d.strip() for d in configured.split(",") if d.strip()] if configured else None
-
-    def max_new_tokens(self, profile: GpuServerProfile, tiny: bool) -> int:
-        configured = os.environ.get(MAX_NEW_TOKENS_ENV)
-        if configured:
-            return int(configured)
-        return min(profile.max_new_tokens, TINY_MODEL_MAX_NEW_TOKENS) if tiny else profile.max_new_tokens
-
     def server_settings(self, profile: GpuServerProfile) -> ServerSettings:
+        """What the managed servers run for this profile (settings_map, with this deployment's fields)."""
         model_path, tiny = self.resolved_model_path()
-        return ServerSettings(
-            max_concurrent_generations=profile.max_concurrent_generations,
-            max_inference_queue_size=profile.max_inference_queue_size,
-            max_inference_batch_size=profile.max_inference_batch_size,
-            max_batch_images=profile.max_batch_images,
-            batch_wait_timeout=profile.batch_wait_timeout,
-            gen_time_default_est=profile.gen_time_default_est,
-            clear_cache_every_n_requests=profile.clear_cache_every_n_requests,
-            enable_memory_defrag=profile.enable_memory_defrag,
-            use_fp16=profile.use_fp16,
-            enable_tf32=profile.enable_tf32,
-            use_flash_attention=profile.use_flash_attention,
-            max_new_tokens=self.max_new_tokens(profile, tiny),
-            engine_options={"compile_vision": self.compile_model, "compile_language": self.compile_model},
-            port=self.resolved_base_port(),
-            model_path=model_path,
-            bearer_token=self.bearer_token(),
-            idle_timeout_s=self.idle_timeout_s,
-        )
+        max_new_tokens = self.max_new_tokens or (min(profile.max_new_tokens, TINY_MODEL_MAX_NEW_TOKENS) if tiny else None)
+        if max_new_tokens:
+            profile = profile.model_copy(update={"max_new_tokens": max_new_tokens})
+        model = model_settings(profile, model_path, compile_vision=self.compile_model,
+                               compile_language=self.compile_model)  # fmt: skip
+        return server_settings(profile, model, port=self.base_port, bearer_token=self.bearer_token(),
+                               idle_timeout_s=self.idle_timeout_s)  # fmt: skip
 
     def launcher(self, profile: GpuServerProfile) -> GpuServerLauncher:
-        return GpuServerLauncher(
-            imgpipe_home() / "gpu-servers", self.server_settings(profile), startup_timeout_s=self.startup_timeout_s
-        )
+        return GpuServerLauncher(None, self.server_settings(profile), startup_timeout_s=self.startup_timeout_s,
+                                 restart_wait_s=self.restart_wait_s)  # fmt: skip
 
     def ensure_endpoints(self, profile: GpuServerProfile) -> list[str]:
-        """Base URLs of the servers this run uses (starting managed ones that are missing)."""
+        """Base URLs of the servers this run uses (starting managed ones that are missing, and bringing
+        running ones to this profile's settings)."""
+        report = self._log or log
         if self.mode == "external":
             if not self.endpoints:
                 raise ValueError("gpu_model mode 'external' needs at least one endpoint URL")
             for url in self.endpoints:
                 try:
-                    health = httpx.get(url.rstrip("/") + "/health", timeout=5).json()
-                    log.info("GPU server %s: %s, queue %s", url, health.get("status"), health.get("queue_size"))
-                except (httpx.HTTPError, ValueError) as exc:
-                    log.warning("GPU server %s is not answering (%s); the run waits for it", url, exc)
+                    health = fetch_health(url, 5.0)
+                    report.info(f"GPU server {url}: {health.status}, queue {health.queue_size}, "
+                                f"settings {health.settings_hash or 'not reported'} (external: not changed by runs)")  # fmt: skip
+                except HealthUnavailable as exc:
+                    report.warning(f"GPU server {url} is not answering ({exc}); the run waits for it")
             return list(self.endpoints)
-        endpoints = self.launcher(profile).ensure(self.resolved_devices(), base_port=self.resolved_base_port())
+        endpoints = self.launcher(profile).ensure(self.devices, base_port=self.base_port)
+        for endpoint in endpoints:
+            report.info(endpoint.describe())
         return [e.url for e in endpoints]
 
 

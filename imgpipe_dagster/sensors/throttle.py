@@ -55,9 +55,8 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
-from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
-from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.profiles import PROFILE_NAMES
 from imgpipe_dagster.resources import GpuModelResource, PostgresResource
 from imgpipe_dagster.throttle import queries
@@ -69,7 +68,7 @@ from imgpipe_dagster.throttle.decide import (
     TickInputs,
     decide,
 )
-from imgpipe_dagster.throttle.health import health_from_body, probe_all
+from imgpipe_dagster.throttle.health import probe_all
 
 KIND_TAG = "imgpipe/kind"
 SHARD_RUN = "shard_run"
@@ -115,20 +114,9 @@ def shards_of_run(conn: psycopg.Connection, tags: dict) -> list[str]:
 def gpu_health(gpu_model: GpuModelResource, timeout_s: float) -> tuple[GpuHealth, ...]:
     """/health of the servers the runs would use. External: every configured endpoint. Managed: the
     recorded servers whose process lives (one that is not running is cold, not down)."""
-    if gpu_model.mode == "external":
-        return probe_all(gpu_model.endpoints, timeout_s)
-    launcher = GpuServerLauncher(imgpipe_home() / "gpu-servers", health_timeout_s=timeout_s)
-    found = []
-    for entry in launcher.status():
-        if not entry.get("alive"):
-            continue
-        url = f"http://{entry.get('host', '127.0.0.1')}:{entry.get('port')}"
-        health = entry.get("health")
-        if health is None:
-            found.append(GpuHealth(url=url, reachable=False, error="process alive, /health not answering"))
-        else:
-            found.append(health_from_body(url, health))
-    return tuple(found)
+    urls = discover_endpoints(gpu_model.endpoints if gpu_model.mode == "external" else (),
+                              managed=gpu_model.mode == "managed")  # fmt: skip
+    return probe_all(urls, timeout_s)
 
 
 def shard_run_request(shard: str, profile: str, decision_id: int, source: str = "throttle") -> RunRequest:

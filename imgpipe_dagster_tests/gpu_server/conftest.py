@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings
+from imgpipe_dagster.gpu_server.inference import InferenceEngine
+from imgpipe_dagster.settings_map import medium_model_settings
 
 
 @contextlib.contextmanager
 def open_engine(model_dir: Path, backend: str, **settings) -> Iterator[InferenceEngine]:
     """An inference engine on a checkpoint folder, closed afterwards."""
-    engine = InferenceEngine(ModelSettings(model_path=str(model_dir), backend=backend, **settings))
+    engine = InferenceEngine(medium_model_settings(str(model_dir), backend=backend, **settings))
     try:
         yield engine
     finally:

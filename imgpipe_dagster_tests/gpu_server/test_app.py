@@ -14,15 +14,18 @@ import pytest
 
 from imgpipe_dagster.gpu_server import wire
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
-from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.gpu_server.settings import ServerSettings, settings_hash
+from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster_tests.gpu_server.conftest import jpeg
-from imgpipe_dagster_tests.support import free_port
 
 TOKEN = "test-token-123"
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-IDLE_TIMEOUT_S = 8.0
+# The shared server never leaves by itself; the idle-exit test starts its own with this timeout.
+IDLE_TIMEOUT_S = 3.0
+# Every wait on the server ends: a hung server fails the test instead of hanging the suite.
+WAIT_S = 60.0
 # Batches of 2 and a batch wait far longer than any test: a batch forms exactly when two images are
 # queued, so batching and a filled queue are deterministic (tests send even numbers of images).
 BATCH = 2
@@ -40,8 +43,8 @@ def post_images(
 
 
 def server_settings(model_dir: Path) -> ServerSettings:
-    return ServerSettings(
-        model_path=str(model_dir),
+    return medium_server_settings(
+        str(model_dir),
         device="cpu",
         max_new_tokens=8,
         bearer_token=TOKEN,
@@ -53,7 +56,6 @@ def server_settings(model_dir: Path) -> ServerSettings:
         max_concurrent_generations=1,
         max_request_bytes=512 * 1024,
         gen_time_default_est=2.0,
-        idle_timeout_s=IDLE_TIMEOUT_S,
     )
 
 
@@ -73,7 +75,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     settings = server_settings(tiny_model_dir)
     launcher = GpuServerLauncher(tmp_path_factory.mktemp("gpu-server"), settings, startup_timeout_s=120)
     try:
-        (endpoint,) = launcher.ensure(["cpu"], base_port=free_port())
+        (endpoint,) = launcher.ensure(["cpu"], base_port=0)
         yield Server(launcher, endpoint, settings)
     finally:
         launcher.stop(timeout_s=10)
@@ -81,6 +83,17 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=30).json()
+
+
+def health_until(url: str, wanted, why: str) -> dict:
+    """Poll /health until ``wanted(report)``; fails after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        report = health(url)
+        if wanted(report):
+            return report
+        assert time.monotonic() < deadline, f"gave up waiting for {why}: {report}"
+        time.sleep(0.02)
 
 
 def assert_still_serving(url: str) -> None:
@@ -93,7 +106,7 @@ def test_analyze_returns_text_tokens_and_timings_per_image(server: Server) -> No
     response = post_images(server.url, [jpeg("red"), jpeg("blue")])
     assert response.status_code == 200
     payload = response.json()
-    assert payload["model"] == Path(server.settings.model_path).name
+    assert payload["model"] == Path(server.settings.model.model_path).name
     assert payload["prompt"] == "analysis_v1" and payload["prompt_version"].startswith("analysis_v1@")
     assert len(payload["results"]) == 2
     for index, result in enumerate(payload["results"]):
@@ -175,7 +188,7 @@ def test_health_reports_legacy_and_new_fields(server: Server) -> None:
     assert report["workers"] == settings.max_concurrent_generations
     assert report["queue_size"] == 0
     assert report["status"] == "ready"
-    assert report["model"] == Path(settings.model_path).name
+    assert report["model"] == Path(settings.model.model_path).name
     assert report["device"] == "cpu" and report["dtype"] == "float32"
     assert report["queue_capacity"] == 8 and report["max_inference_batch_size"] == BATCH
     assert report["max_request_images"] == 8
@@ -191,7 +204,11 @@ def test_health_reports_legacy_and_new_fields(server: Server) -> None:
         "uptime_s",
     ):
         assert report[key] >= 0
-    assert report["idle_s"] >= 0 and report["idle_timeout_s"] == IDLE_TIMEOUT_S
+    assert report["idle_s"] >= 0 and report["idle_timeout_s"] == 0
+    # The settings it runs, without the token, and their hash.
+    assert report["settings"] == settings.replace(port=server.endpoint.port).to_dict(include_token=False)
+    assert "bearer_token" not in report["settings"] and TOKEN not in str(report)
+    assert report["settings_hash"] == settings_hash(settings)
 
 
 def test_health_answers_while_a_batch_generates(server: Server) -> None:
@@ -201,9 +218,10 @@ def test_health_answers_while_a_batch_generates(server: Server) -> None:
             post_images, server.url, [jpeg(color) for color in ("red", "blue", "gray", "white", "green", "navy")]
         )
         seen_generating = False
-        while not pending.done() and not seen_generating:
+        deadline = time.monotonic() + WAIT_S
+        while not pending.done() and not seen_generating and time.monotonic() < deadline:
             seen_generating = health(server.url)["generating"]
-        assert pending.result().status_code == 200
+        assert pending.result(timeout=WAIT_S).status_code == 200
     # Had generate() blocked the event loop, /health would only ever answer between batches.
     assert seen_generating
 
@@ -238,8 +256,8 @@ def test_full_queue_answers_429_with_retry_after(server: Server) -> None:
     with ThreadPoolExecutor(1) as pool:
         # 7 images: three batches of 2 run, the 7th waits in the queue for a partner.
         filling = pool.submit(post_images, server.url, [jpeg("red")] * 7)
-        while health(server.url)["queue_size"] != 1:
-            assert not filling.done()
+        health_until(server.url, lambda report: report["queue_size"] == 1 or filling.done(), "one queued image")
+        assert not filling.done()
         refused = post_images(server.url, [jpeg("white")] * 8)  # 1 queued + 8 > 8 places
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "queue_full"
@@ -250,11 +268,44 @@ def test_full_queue_answers_429_with_retry_after(server: Server) -> None:
     assert_still_serving(server.url)
 
 
-def test_server_exits_after_its_idle_timeout(server: Server) -> None:
-    """Runs last: the server leaves IDLE_TIMEOUT_S after the previous test's last request."""
-    process = psutil.Process(server.endpoint.pid)
-    deadline = time.monotonic() + 60
-    while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "idle server still running"
-        time.sleep(0.2)
-    assert "idle for" in Path(server.launcher.status()[0]["log"]).read_text()
+def test_settings_update_applies_live_fields_and_refuses_the_others(server: Server) -> None:
+    running = server.settings.replace(port=server.endpoint.port)
+    headers = {**AUTH, "Content-Type": "application/json"}
+
+    def send(settings: ServerSettings, auth: dict = headers) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/settings", content=settings.to_json(include_token=False),
+                          headers=auth, timeout=30)  # fmt: skip
+
+    assert send(running, {"Content-Type": "application/json"}).status_code == 401
+    refused = send(running.replace_model(enable_tf32=not running.model.enable_tf32))
+    assert refused.status_code == 409 and "model.enable_tf32" in refused.json()["error"]["message"]
+    bad = httpx.post(f"{server.url}/v1/settings", content=b'{"max_batch_images": "many"}', headers=headers, timeout=30)
+    assert bad.status_code == 400
+    try:
+        changed = send(running.replace(max_inference_queue_size=6).replace_model(max_new_tokens=3))
+        assert changed.status_code == 200, changed.text
+        report = health(server.url)
+        assert report["queue_capacity"] == 6 and report["settings"]["model"]["max_new_tokens"] == 3
+        assert report["settings_hash"] != settings_hash(server.settings)
+        generated = post_images(server.url, [jpeg("red"), jpeg("blue")]).json()["results"]
+        assert all(0 < result["generated_tokens"] <= 3 for result in generated)
+    finally:
+        assert send(running).status_code == 200
+    assert health(server.url)["settings_hash"] == settings_hash(server.settings)
+
+
+def test_server_exits_after_its_idle_timeout(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = server_settings(tiny_model_dir).replace(idle_timeout_s=IDLE_TIMEOUT_S)
+    launcher = GpuServerLauncher(tmp_path / "state", settings, startup_timeout_s=120)
+    try:
+        (endpoint,) = launcher.ensure(["cpu"], base_port=0)
+        assert_still_serving(endpoint.url)
+        log_path = Path(launcher.status()[0]["log"])
+        process = psutil.Process(endpoint.pid)
+        deadline = time.monotonic() + WAIT_S
+        while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "idle server still running"
+            time.sleep(0.2)
+        assert "idle for" in log_path.read_text()
+    finally:
+        launcher.stop(timeout_s=10)

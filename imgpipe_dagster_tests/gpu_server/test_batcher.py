@@ -10,6 +10,7 @@ import pytest
 
 from imgpipe_dagster.gpu_server.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.settings_map import medium_server_settings
 
 
 @dataclass
@@ -67,7 +68,7 @@ def settings(**overrides: object) -> ServerSettings:
         "gen_time_default_est": 2.0,
     }
     values.update(overrides)
-    return ServerSettings(**values)  # type: ignore[arg-type]
+    return medium_server_settings("unused", **values)
 
 
 def images(*names: str) -> list[bytes]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,18 +19,18 @@ from imgpipe_dagster.gpu_server.client import (
     ServerTimeout,
     ServerUnavailable,
 )
+from imgpipe_dagster.gpu_server.health import ServerHealth
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
-from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster_tests.gpu_server.conftest import jpeg
-from imgpipe_dagster_tests.support import free_port
 
 TOKEN = "client-test-token"
 
 
 @pytest.fixture(scope="module")
 def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
-    settings = ServerSettings(
-        model_path=str(tiny_model_dir),
+    settings = medium_server_settings(
+        str(tiny_model_dir),
         max_new_tokens=4,
         bearer_token=TOKEN,
         # Batches of exactly 2 (the wait outlasts any test): batching and a filled queue are deterministic.
@@ -40,7 +42,7 @@ def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     launcher = GpuServerLauncher(tmp_path_factory.mktemp("client-server"), settings, startup_timeout_s=120)
     try:
-        yield launcher.ensure(["cpu"], base_port=free_port())[0]
+        yield launcher.ensure(["cpu"], base_port=0)[0]
     finally:
         launcher.stop(timeout_s=10)
 
@@ -60,7 +62,7 @@ def test_analyze_returns_one_result_per_image_in_order(endpoint: Endpoint) -> No
 
 
 def test_concurrent_small_requests_from_one_client_share_batches(endpoint: Endpoint) -> None:
-    async def scenario() -> tuple[list[list[ImageAnalysis]], dict]:
+    async def scenario() -> tuple[list[list[ImageAnalysis]], ServerHealth]:
         async with GpuClient(endpoint.url, token=TOKEN) as client:
             answers = await asyncio.gather(*(client.analyze([jpeg("white", 56 + i)]) for i in range(6)))
             return answers, await client.health()
@@ -68,7 +70,7 @@ def test_concurrent_small_requests_from_one_client_share_batches(endpoint: Endpo
     answers, health = asyncio.run(scenario())
     assert all(answer[0].ok for answer in answers)
     assert [answer[0].batch_size for answer in answers] == [2] * 6
-    assert health["status"] == "ready" and health["queue_size"] == 0
+    assert health.status == "ready" and health.queue_size == 0 and health.port == endpoint.port
 
 
 def test_full_queue_raises_server_busy_with_the_retry_delay(endpoint: Endpoint) -> None:
@@ -76,8 +78,10 @@ def test_full_queue_raises_server_busy_with_the_retry_delay(endpoint: Endpoint) 
         async with GpuClient(endpoint.url, token=TOKEN) as client:
             # 7 images: three batches of 2 run, the 7th waits in the queue for a partner.
             filling = asyncio.create_task(client.analyze([jpeg("red")] * 7))
-            while (await client.health())["queue_size"] != 1:
-                assert not filling.done()
+            deadline = time.monotonic() + 60
+            while (await client.health()).queue_size != 1:
+                assert not filling.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.02)
             with pytest.raises(ServerBusy) as busy:
                 await client.analyze([jpeg("blue")] * 8)
             assert (await client.analyze([jpeg("green")]))[0].ok
@@ -111,14 +115,17 @@ def test_requests_the_server_refuses_raise_request_rejected(
 
 
 def test_nothing_listening_raises_server_unavailable() -> None:
-    async def scenario() -> None:
-        async with GpuClient(f"http://127.0.0.1:{free_port()}", timeout_s=5) as client:
+    async def scenario(port: int) -> None:
+        async with GpuClient(f"http://127.0.0.1:{port}", timeout_s=5) as client:
             with pytest.raises(ServerUnavailable):
                 await client.analyze([b"x"])
             with pytest.raises(ServerUnavailable):
                 await client.health()
 
-    asyncio.run(scenario())
+    # A port held by this test without listening: connections are refused, and no one else can take it.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        asyncio.run(scenario(held.getsockname()[1]))
 
 
 def test_server_errors_and_timeouts_map_to_server_unavailable() -> None:

@@ -6,13 +6,14 @@ import torch
 from transformers import Qwen2_5_VLConfig
 
 from imgpipe_dagster.gpu_server.image_prep import normalise_and_patchify
-from imgpipe_dagster.gpu_server.inference import ModelSettings, _model_class
+from imgpipe_dagster.gpu_server.inference import _model_class
 from imgpipe_dagster.gpu_server.qwen_fast import FastQwenVL
 from imgpipe_dagster.gpu_server.tiny_model import (
     build_tiny_model,
     randomise_biases_and_norms,
     tiny_config_dict,
 )
+from imgpipe_dagster.settings_map import medium_model_settings
 from imgpipe_dagster_tests.gpu_server.conftest import make_image_bytes, open_engine
 
 NEW_TOKENS = 10
@@ -98,7 +99,7 @@ def test_fast_vision_equals_the_transformers_tower_with_more_blocks_and_windows(
     reference = model.model.visual
     images = random_images([(224, 224), (168, 168), (140, 252), (224, 224), (84, 56)], seed=9)
     expected = transformers_features(reference, images)  # before FastQwenVL re-points the weights
-    fast = FastQwenVL(model, config, torch.float32, ModelSettings(model_path="", backend="fast"))
+    fast = FastQwenVL(model, config, torch.float32, medium_model_settings("", backend="fast"))
     assert fast.v_window == 3 and fast.v_full_blocks == {2} and len(fast.v_blocks) == 4
     assert fast._window_layout(12, 12).window_segments == ((4, 36),)  # 168 px: whole windows
     assert len(fast._window_layout(16, 16).window_segments) == 4  # 224 px: 3+3+2 units a side

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,21 +16,10 @@ import pytest
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher, ServerStartError, launcher_main
 from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.paths import gpu_server_records_dir
+from imgpipe_dagster.settings_map import medium_server_settings
 
-
-def free_port_pair() -> int:
-    """A port p with p and p+1 both free on loopback."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two adjacent free ports")
+TOKEN = "launcher-test-token"
 
 
 def gone(pid: int) -> bool:
@@ -42,7 +31,7 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture
 def launcher(tiny_model_dir: Path, tmp_path: Path) -> Iterator[GpuServerLauncher]:
-    settings = ServerSettings(model_path=str(tiny_model_dir), max_new_tokens=2)
+    settings = medium_server_settings(str(tiny_model_dir), max_new_tokens=2, bearer_token=TOKEN)
     started = GpuServerLauncher(tmp_path / "state", settings, startup_timeout_s=120)
     try:
         yield started
@@ -51,45 +40,54 @@ def launcher(tiny_model_dir: Path, tmp_path: Path) -> Iterator[GpuServerLauncher
 
 
 def test_one_server_per_device_started_once_reused_restarted_and_stopped(launcher: GpuServerLauncher) -> None:
-    base_port = free_port_pair()
-    # Two callers at once (two pipeline runs): the per-port lock lets only one of them start each server.
+    # Base port 0: each server binds a free port and reports it. Two callers at once (two pipeline
+    # runs): the per-slot lock lets only one of them start each server.
     twin = GpuServerLauncher(launcher.state_dir, launcher.settings, startup_timeout_s=120)
     with ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(
-            lambda each: each.ensure(["cpu", "cpu"], base_port=base_port), [launcher, twin]
-        )
-    assert [endpoint.port for endpoint in first] == [base_port, base_port + 1]
+        first, second = pool.map(lambda each: each.ensure(["cpu", "cpu"], base_port=0), [launcher, twin])
+    ports = [endpoint.port for endpoint in first]
+    assert all(ports) and len(set(ports)) == 2
     assert [endpoint.pid for endpoint in first] == [endpoint.pid for endpoint in second]
-    assert sorted([first[0].reused, second[0].reused]) == [False, True]
+    assert sorted([first[0].action, second[0].action]) == ["reused", "started"]
     for endpoint in first:
         report = httpx.get(f"{endpoint.url}/health", timeout=30).json()
         assert (
             report["status"] == "ready" and report["pid"] == endpoint.pid and report["port"] == endpoint.port
         )
+        assert report["settings_hash"] == endpoint.settings_hash
 
     records = {entry["port"]: entry for entry in launcher.status()}
-    assert set(records) == {base_port, base_port + 1}
+    assert set(records) == set(ports)
+    assert all(entry["settings_hash"] == first[0].settings_hash for entry in records.values())
     assert all(entry["alive"] and entry["health"]["status"] == "ready" for entry in records.values())
     assert all(Path(entry["log"]).is_file() for entry in records.values())
-    assert records[base_port]["cuda_visible_devices"] == ""  # CPU servers see no GPU
+    assert records[ports[0]]["cuda_visible_devices"] == ""  # CPU servers see no GPU
+
+    # The settings travel in a file only the owner may read; the token never shows on a command line.
+    for entry in records.values():
+        assert stat.S_IMODE(Path(entry["settings_file"]).stat().st_mode) == 0o600
+        command_line = " ".join(psutil.Process(entry["pid"]).cmdline())
+        assert TOKEN not in command_line and entry["settings_file"] in command_line
+        assert TOKEN not in json.dumps(entry)
 
     # A killed server is restarted by the next ensure(); the healthy one is reused.
     os.kill(first[1].pid, signal.SIGKILL)
-    again = launcher.ensure(["cpu", "cpu"], base_port=base_port)
+    again = launcher.ensure(["cpu", "cpu"], base_port=0)
     assert again[0].pid == first[0].pid and again[0].reused
     assert again[1].pid != first[1].pid and not again[1].reused
     assert httpx.get(f"{again[1].url}/health", timeout=30).json()["status"] == "ready"
 
-    assert sorted(launcher.stop()) == [base_port, base_port + 1]
+    assert again[1].action == "restarted"
+    assert sorted(launcher.stop()) == sorted([again[0].port, again[1].port])
     assert gone(again[0].pid) and gone(again[1].pid)
     assert launcher.status() == []
 
 
 def test_a_server_that_cannot_load_its_model_is_reported_with_its_log(tmp_path: Path) -> None:
-    settings = ServerSettings(model_path=str(tmp_path / "no-model-here"))
+    settings = medium_server_settings(str(tmp_path / "no-model-here"))
     launcher = GpuServerLauncher(tmp_path / "state", settings, startup_timeout_s=120)
     with pytest.raises(ServerStartError) as failure:
-        launcher.ensure(["cpu"], base_port=free_port_pair())
+        launcher.ensure(["cpu"], base_port=0)
     assert "no-model-here" in str(failure.value)
     assert all(not entry["alive"] for entry in launcher.status())
 
@@ -100,3 +98,26 @@ def test_command_line_status_and_stop_print_json(tmp_path: Path, capsys: pytest.
     assert json.loads(capsys.readouterr().out) == []
     assert launcher_main(["stop", "--state-dir", str(state_dir)]) == 0
     assert json.loads(capsys.readouterr().out) == {"stopped_ports": []}
+
+
+def test_records_live_under_imgpipe_home_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert GpuServerLauncher().state_dir == gpu_server_records_dir() == tmp_path / "home" / "gpu-servers"
+
+
+def test_a_settings_file_is_validated_before_anything_starts(tmp_path: Path) -> None:
+    settings_file = tmp_path / "settings.json"
+    document = json.loads(medium_server_settings("model").to_json())
+    document["max_batch_images"] = "many"
+    settings_file.write_text(json.dumps(document))
+    from imgpipe_dagster.gpu_server.__main__ import main
+
+    assert main(["--settings-file", str(settings_file)]) == 2
+    with pytest.raises(ValueError, match="settings.max_batch_images: expected int"):
+        ServerSettings.from_json(settings_file.read_text())
+    del document["max_batch_images"]
+    with pytest.raises(ValueError, match="settings.max_batch_images: missing"):
+        ServerSettings.from_dict(document)
+    with pytest.raises(ValueError, match="unknown field"):
+        ServerSettings.from_dict({**document, "max_batch_images": 2, "engine_options": {}})

@@ -1,0 +1,116 @@
+"""The ``IMGPIPE_*`` environment, read in one place into one typed object.
+
+``read_environment()`` parses the variables the README documents (and a few for operators) with a
+clear error for a malformed value. ``definitions.py`` reads it once to build the resources of the
+chosen deployment; nothing else should call ``os.environ`` for an ``IMGPIPE_*`` variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+HOME_ENV = "IMGPIPE_HOME"
+DEPLOYMENT_ENV = "IMGPIPE_DEPLOYMENT"
+MODEL_PATH_ENV = "IMGPIPE_MODEL_PATH"
+MAX_NEW_TOKENS_ENV = "IMGPIPE_MAX_NEW_TOKENS"
+GPU_TOKEN_ENV = "IMGPIPE_GPU_TOKEN"
+GPU_DEVICES_ENV = "IMGPIPE_GPU_DEVICES"
+GPU_BASE_PORT_ENV = "IMGPIPE_GPU_BASE_PORT"
+GPU_ENDPOINTS_ENV = "IMGPIPE_GPU_ENDPOINTS"
+ALLOWED_NETWORKS_ENV = "IMGPIPE_ALLOWED_NETWORKS"
+CORPUS_DIR_ENV = "IMGPIPE_CORPUS_DIR"
+TIMEZONE_ENV = "IMGPIPE_TIMEZONE"
+NIGHTLY_SHARDS_ENV = "IMGPIPE_NIGHTLY_SHARDS"
+NIGHTLY_AUTOSTART_ENV = "IMGPIPE_NIGHTLY_AUTOSTART"
+THROTTLE_AUTOSTART_ENV = "IMGPIPE_THROTTLE_AUTOSTART"
+
+Deployment = Literal["local", "external"]
+DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
+
+
+class EnvironmentValueError(ValueError):
+    """An ``IMGPIPE_*`` variable holds a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    # IMGPIPE_HOME: state folder; None means ./.imgpipe
+    home: str | None
+    # IMGPIPE_DEPLOYMENT: "local" (managed GPU servers on this machine, the default) or "external"
+    # (attach to IMGPIPE_GPU_ENDPOINTS only)
+    deployment: Deployment
+    # IMGPIPE_MODEL_PATH: local checkpoint; None means the tiny random test model
+    model_path: str | None
+    # IMGPIPE_MAX_NEW_TOKENS: overrides the profile's max_new_tokens (quick checks of a real model)
+    max_new_tokens: int | None
+    # IMGPIPE_GPU_TOKEN: bearer token of the GPU servers
+    gpu_token: str | None
+    # IMGPIPE_GPU_DEVICES: devices of the managed servers; None means every visible GPU, else cpu
+    gpu_devices: tuple[str, ...] | None
+    # IMGPIPE_GPU_BASE_PORT: first managed server's port (0: any free port per server)
+    gpu_base_port: int | None
+    # IMGPIPE_GPU_ENDPOINTS: servers on other machines (external deployment; shown by `imgpipe status`)
+    gpu_endpoints: tuple[str, ...]
+    # IMGPIPE_ALLOWED_NETWORKS: CIDRs exempt from the fetcher's private-address block
+    allowed_networks: tuple[str, ...]
+    # IMGPIPE_CORPUS_DIR: drop directory of the corpus sensor
+    corpus_dir: str | None
+    # IMGPIPE_TIMEZONE: time zone of the nightly schedule
+    timezone: str | None
+    # IMGPIPE_NIGHTLY_SHARDS: shards the nightly schedule requests
+    nightly_shards: int | None
+    # IMGPIPE_NIGHTLY_AUTOSTART / IMGPIPE_THROTTLE_AUTOSTART: start the schedule / sensor running
+    nightly_autostart: bool
+    throttle_autostart: bool
+
+
+def _text(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+
+def _int(environ: Mapping[str, str], name: str, minimum: int) -> int | None:
+    value = _text(environ, name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise EnvironmentValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise EnvironmentValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
+    environ = os.environ if environ is None else environ
+    deployment = (_text(environ, DEPLOYMENT_ENV) or "local").lower()
+    if deployment not in DEPLOYMENTS:
+        raise EnvironmentValueError(f"{DEPLOYMENT_ENV} must be one of {', '.join(DEPLOYMENTS)}, got {deployment!r}")
+    return Environment(
+        home=_text(environ, HOME_ENV),
+        deployment=deployment,  # type: ignore[arg-type]
+        model_path=_text(environ, MODEL_PATH_ENV),
+        max_new_tokens=_int(environ, MAX_NEW_TOKENS_ENV, 1),
+        gpu_token=_text(environ, GPU_TOKEN_ENV),
+        gpu_devices=_list(environ, GPU_DEVICES_ENV) or None,
+        gpu_base_port=_int(environ, GPU_BASE_PORT_ENV, 0),
+        gpu_endpoints=tuple(url.rstrip("/") for url in _list(environ, GPU_ENDPOINTS_ENV)),
+        allowed_networks=_list(environ, ALLOWED_NETWORKS_ENV),
+        corpus_dir=_text(environ, CORPUS_DIR_ENV),
+        timezone=_text(environ, TIMEZONE_ENV),
+        nightly_shards=_int(environ, NIGHTLY_SHARDS_ENV, 0),
+        nightly_autostart=_flag(environ, NIGHTLY_AUTOSTART_ENV),
+        throttle_autostart=_flag(environ, THROTTLE_AUTOSTART_ENV),
+    )
