@@ -10,7 +10,8 @@ two sides run with, field by field, and nothing else copies a profile value:
   launcher hands to a server process as one JSON file.
 
 Values that are not profile values (the deployment: model path, token, user agent...) come in as
-arguments. ``medium_*`` give tests and benchmarks a complete object from ``profiles/medium.yaml``.
+arguments. ``profile_engine_settings`` and ``medium_*`` give tests and benchmarks a complete object
+from a profile file (``profiles/medium.yaml`` unless named).
 """
 
 from __future__ import annotations
@@ -139,11 +140,14 @@ def profile_server_settings(
     return server_settings(gpu, model_settings(gpu, model_path), **deployment)
 
 
-# ----- complete objects for tests and benchmarks: the medium profile, then named changes -----
+# ----- complete objects for tests and benchmarks: a profile, then named changes -----
 
 
-def medium_engine_settings(fetch: FetchSettings | None = None, **worker_overrides: Any) -> EngineSettings:
-    worker, _ = resolve("medium", worker_overrides=worker_overrides)
+def profile_engine_settings(
+    profile: str = "medium", fetch: FetchSettings | None = None, **worker_overrides: Any
+) -> EngineSettings:
+    """A named profile's engine settings, with validated worker overrides."""
+    worker, _ = resolve(profile, worker_overrides=worker_overrides)
     return engine_settings(worker, fetch)
 
 

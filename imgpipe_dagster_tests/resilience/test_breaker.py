@@ -9,9 +9,10 @@ import pytest
 
 from imgpipe_dagster.resilience import BreakerSet, BreakerSettings, BreakerState, CircuitBreaker
 from imgpipe_dagster_tests.resilience.fakes import FakeClock
+from imgpipe_dagster_tests.resilience.medium import medium_breaker
 
 # A small breaker: window 10 calls, opens at 50% once 6 calls are in, 2 probes, 2 successes close it.
-SMALL = BreakerSettings(
+SMALL = medium_breaker(
     circuit_failure_threshold=5,
     circuit_window_size=10,
     circuit_minimum_calls=6,
@@ -144,7 +145,7 @@ def test_half_open_closes_after_the_success_threshold(caplog):
 
 
 def test_more_successes_than_probes_are_needed_when_probes_are_fewer():
-    settings = BreakerSettings(
+    settings = medium_breaker(
         circuit_failure_threshold=5, circuit_window_size=10, circuit_minimum_calls=6,
         circuit_success_threshold=3, circuit_half_open_probes=1,
     )
@@ -223,7 +224,7 @@ def test_no_lock_is_held_across_the_call():
 
 
 def test_legacy_medium_count_opens_a_dead_server_after_75_failures():
-    breaker, _ = make(BreakerSettings())
+    breaker, _ = make(medium_breaker())
     for _ in range(74):
         call(breaker, "error")
     assert breaker.state is BreakerState.CLOSED

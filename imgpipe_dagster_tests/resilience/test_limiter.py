@@ -10,13 +10,14 @@ import pytest
 
 from imgpipe_dagster.resilience import AdaptiveLimiter, LimiterSettings, QueueFull, QueueTimeout
 from imgpipe_dagster_tests.resilience.fakes import FakeClock
+from imgpipe_dagster_tests.resilience.medium import medium_limiter
 
 # Times in seconds. MEDIUM: limits 4.8 / 8 / 24, target 5 s, slow 45 s, critical 90 s, interval 10 s.
 
 
 def make(settings: LimiterSettings | None = None, **overrides) -> tuple[AdaptiveLimiter, FakeClock]:
     clock = FakeClock()
-    limiter = AdaptiveLimiter("gpu0", replace(settings or LimiterSettings(), **overrides), clock=clock, sleep=clock.sleep)
+    limiter = AdaptiveLimiter("gpu0", replace(settings or medium_limiter(), **overrides), clock=clock, sleep=clock.sleep)
     return limiter, clock
 
 
@@ -46,7 +47,7 @@ def test_starts_at_the_initial_limit_and_admits_that_many():
 
 def test_waiters_are_served_in_order_when_slots_free():
     async def scenario():
-        limiter, _ = make(LimiterSettings(resilience_max_rate=1e6))
+        limiter, _ = make(medium_limiter(resilience_max_rate=1e6))
         fill(limiter)
         order: list[int] = []
 
@@ -69,7 +70,7 @@ def test_waiters_are_served_in_order_when_slots_free():
 
 def test_a_full_queue_rejects_clearly():
     async def scenario():
-        limiter, _ = make(LimiterSettings(resilience_max_queue=2))
+        limiter, _ = make(medium_limiter(resilience_max_queue=2))
         fill(limiter)
         waiting = [asyncio.create_task(limiter.acquire()) for _ in range(2)]
         await asyncio.sleep(0)
@@ -85,7 +86,7 @@ def test_a_full_queue_rejects_clearly():
 
 def test_a_caller_waiting_past_queue_timeout_gets_queue_timeout():
     async def scenario():
-        limiter, _ = make(LimiterSettings(queue_timeout=0.01))
+        limiter, _ = make(medium_limiter(queue_timeout=0.01))
         fill(limiter)
         with pytest.raises(QueueTimeout, match="queue_timeout"):
             await limiter.acquire()
@@ -97,7 +98,7 @@ def test_a_caller_waiting_past_queue_timeout_gets_queue_timeout():
 
 def test_a_cancelled_waiter_leaves_no_slot_behind():
     async def scenario():
-        limiter, _ = make(LimiterSettings())
+        limiter, _ = make(medium_limiter())
         taken = fill(limiter)
         waiter = asyncio.create_task(limiter.acquire())
         await asyncio.sleep(0)
@@ -113,7 +114,7 @@ def test_a_cancelled_waiter_leaves_no_slot_behind():
 def test_max_rate_is_a_ceiling_on_starts_per_second():
     async def scenario():
         clock = FakeClock()
-        limiter = AdaptiveLimiter("gpu0", LimiterSettings(resilience_max_rate=10.0), clock=clock, sleep=clock.sleep)
+        limiter = AdaptiveLimiter("gpu0", medium_limiter(resilience_max_rate=10.0), clock=clock, sleep=clock.sleep)
         for _ in range(3):
             await limiter.acquire()
         assert clock.slept == pytest.approx([0.1, 0.1])  # starts at t, t+0.1, t+0.2
@@ -137,7 +138,7 @@ def test_slot_context_releases_and_measures_latency():
 
 
 def test_grows_when_the_limit_is_in_use_and_latency_is_healthy(caplog):
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     fill(limiter)
     with caplog.at_level(logging.INFO, logger="imgpipe.resilience"):
         complete_window(limiter, clock, latency_s=1.0)
@@ -146,14 +147,14 @@ def test_grows_when_the_limit_is_in_use_and_latency_is_healthy(caplog):
 
 
 def test_growth_is_multiplicative_once_that_beats_one_slot():
-    limiter, clock = make(LimiterSettings(resilience_initial_rate=20.0))  # limit 16
+    limiter, clock = make(medium_limiter(resilience_initial_rate=20.0))  # limit 16
     fill(limiter)
     complete_window(limiter, clock, latency_s=1.0)
     assert limiter.limit == pytest.approx(16 * 1.08)
 
 
 def test_does_not_grow_when_the_limit_is_not_in_use():
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     for _ in range(limiter.effective_limit - 1):
         limiter.try_acquire_nowait()
     complete_window(limiter, clock, latency_s=1.0)
@@ -161,14 +162,14 @@ def test_does_not_grow_when_the_limit_is_not_in_use():
 
 
 def test_does_not_grow_above_target_latency():
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     fill(limiter)
     complete_window(limiter, clock, latency_s=6.0)  # target 5 s, slow 45 s: hold
     assert limiter.limit == pytest.approx(8.0)
 
 
 def test_no_adjustment_before_the_interval_or_with_too_few_samples():
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     fill(limiter)
     clock.advance(9.9)
     for _ in range(20):
@@ -185,7 +186,7 @@ def test_no_adjustment_before_the_interval_or_with_too_few_samples():
 
 
 def test_never_grows_past_the_ceiling():
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     for _ in range(40):
         fill(limiter)
         complete_window(limiter, clock, latency_s=1.0)
@@ -196,7 +197,7 @@ def test_never_grows_past_the_ceiling():
 
 
 def test_a_429_decreases_at_once_by_the_decrease_factor(caplog):
-    limiter, _ = make(LimiterSettings(resilience_initial_rate=20.0))
+    limiter, _ = make(medium_limiter(resilience_initial_rate=20.0))
     with caplog.at_level(logging.INFO, logger="imgpipe.resilience"):
         limiter.record_loss("429", latency_s=0.05)
     assert limiter.limit == pytest.approx(16 * 0.92)
@@ -204,13 +205,13 @@ def test_a_429_decreases_at_once_by_the_decrease_factor(caplog):
 
 
 def test_a_loss_past_the_critical_threshold_uses_the_critical_factor():
-    limiter, _ = make(LimiterSettings(resilience_initial_rate=20.0))
+    limiter, _ = make(medium_limiter(resilience_initial_rate=20.0))
     limiter.record_loss("timeout", latency_s=120.0)  # REQUEST_TIMEOUT 120 s > critical 90 s
     assert limiter.limit == pytest.approx(16 * 0.7)
 
 
 def test_losses_from_requests_sent_before_the_last_decrease_do_not_decrease_again():
-    limiter, clock = make(LimiterSettings(resilience_initial_rate=20.0))
+    limiter, clock = make(medium_limiter(resilience_initial_rate=20.0))
     clock.advance(5)
     limiter.record_loss("429", latency_s=1.0)
     limiter.record_loss("429", latency_s=1.0)  # started 1 s ago, before the decrease that just happened
@@ -222,7 +223,7 @@ def test_losses_from_requests_sent_before_the_last_decrease_do_not_decrease_agai
 
 
 def test_a_loss_is_never_a_latency_sample():
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     fill(limiter)
     clock.advance(10)
     for _ in range(10):
@@ -232,7 +233,7 @@ def test_a_loss_is_never_a_latency_sample():
 
 
 def test_a_slow_window_decreases_and_a_critical_window_decreases_harder():
-    limiter, clock = make(LimiterSettings(resilience_initial_rate=20.0))
+    limiter, clock = make(medium_limiter(resilience_initial_rate=20.0))
     complete_window(limiter, clock, latency_s=50.0)  # slow 45 s
     assert limiter.limit == pytest.approx(16 * 0.92)
     before = limiter.limit
@@ -241,7 +242,7 @@ def test_a_slow_window_decreases_and_a_critical_window_decreases_harder():
 
 
 def test_latency_above_the_baseline_tolerance_means_queueing_and_decreases():
-    limiter, clock = make(LimiterSettings(resilience_initial_rate=20.0))
+    limiter, clock = make(medium_limiter(resilience_initial_rate=20.0))
     complete_window(limiter, clock, latency_s=1.0)  # baseline 1 s, not in use: hold
     assert limiter.limit == pytest.approx(16.0)
     complete_window(limiter, clock, latency_s=1.5)  # 1.5 > 1.3 x 1.0, though under target 5 s
@@ -250,16 +251,16 @@ def test_latency_above_the_baseline_tolerance_means_queueing_and_decreases():
 
 
 def test_never_falls_below_the_floor():
-    limiter, _ = make(LimiterSettings())
+    limiter, _ = make(medium_limiter())
     for step in range(50):
         limiter.record_loss("timeout", latency_s=120.0 - step * 1e-6)
         limiter._last_decrease_at = float("-inf")  # treat each loss as a new episode
-    assert limiter.limit == pytest.approx(LimiterSettings().min_limit)
+    assert limiter.limit == pytest.approx(medium_limiter().min_limit)
     assert limiter.effective_limit == 4
 
 
 def test_a_decrease_below_in_flight_admits_nobody_until_enough_complete():
-    limiter, _ = make(LimiterSettings())
+    limiter, _ = make(medium_limiter())
     fill(limiter)  # 8 in flight
     limiter.record_loss("429", latency_s=0.0)  # limit 7.36 -> 7
     assert limiter.free == -1
@@ -270,7 +271,7 @@ def test_a_decrease_below_in_flight_admits_nobody_until_enough_complete():
 
 
 def test_snapshot_has_what_sensors_read():
-    limiter, clock = make(LimiterSettings())
+    limiter, clock = make(medium_limiter())
     fill(limiter)
     complete_window(limiter, clock, latency_s=1.0)
     snap = limiter.snapshot()

@@ -12,10 +12,10 @@ from imgpipe_dagster.resilience import (
     CircuitBreaker,
     LimiterSettings,
     RetryPolicy,
-    RetrySettings,
-    legacy_profile,
 )
+from imgpipe_dagster.settings_map import profile_engine_settings
 from imgpipe_dagster_tests.resilience.fakes import FakeClock
+from imgpipe_dagster_tests.resilience.medium import medium_retry
 
 profiles = st.sampled_from(["conservative", "medium", "aggressive"])
 latencies = st.floats(min_value=0.0, max_value=200.0, allow_nan=False)
@@ -34,7 +34,7 @@ limiter_events = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(profile=profiles, events=limiter_events)
 def test_limit_stays_within_bounds_and_never_increases_on_a_loss(profile, events):
-    limiter_settings: LimiterSettings = legacy_profile(profile)[0]
+    limiter_settings: LimiterSettings = profile_engine_settings(profile).limiter
     clock = FakeClock()
     limiter = AdaptiveLimiter("gpu0", limiter_settings, clock=clock)
     for kind, value in events:
@@ -133,7 +133,7 @@ def test_a_breaker_with_fewer_calls_than_the_minimum_never_opens(config, outcome
 )
 def test_retries_never_exceed_the_budget(ratio, initial, steps):
     retries = RetryPolicy(
-        RetrySettings(retry_budget_ratio=ratio, retry_budget_initial_tokens=initial, retry_attempts=10**6)
+        medium_retry(retry_budget_ratio=ratio, retry_budget_initial_tokens=initial, retry_attempts=10**6)
     )
     granted = 0
     for is_first_attempt in steps:

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from imgpipe_dagster.resilience import RetryPolicy, RetrySettings, parse_retry_after
+from imgpipe_dagster.resilience import RetryPolicy, parse_retry_after
+from imgpipe_dagster_tests.resilience.medium import medium_retry
 
 
 def policy(**overrides) -> RetryPolicy:
-    return RetryPolicy(RetrySettings(**overrides), rng=random.Random(7))
+    return RetryPolicy(medium_retry(**overrides), rng=random.Random(7))
 
 
 def test_only_retryable_failures_are_retried():
@@ -38,8 +39,8 @@ def test_delay_is_full_jitter_under_an_exponential_cap():
 
 
 def test_a_seeded_rng_gives_the_same_delays():
-    first = RetryPolicy(RetrySettings(), rng=random.Random(42))
-    second = RetryPolicy(RetrySettings(), rng=random.Random(42))
+    first = RetryPolicy(medium_retry(), rng=random.Random(42))
+    second = RetryPolicy(medium_retry(), rng=random.Random(42))
     assert [first.delay(n) for n in range(1, 6)] == [second.delay(n) for n in range(1, 6)]
 
 

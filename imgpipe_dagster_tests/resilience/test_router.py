@@ -7,13 +7,14 @@ import logging
 
 import pytest
 
-from imgpipe_dagster.resilience import BreakerSettings, BreakerState, LimiterSettings, QueueTimeout, Router
+from imgpipe_dagster.resilience import BreakerState, QueueTimeout, Router
+from imgpipe_dagster_tests.resilience.medium import medium_breaker, medium_limiter
 
 URLS = ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
 # Limit 8 per server, no per-run cap, no pacing worth mentioning.
-LIMITS = LimiterSettings(resilience_max_rate=1e4, resilience_initial_rate=8 / 24 * 1e4, max_concurrent_requests=0)
+LIMITS = medium_limiter(resilience_max_rate=1e4, resilience_initial_rate=8 / 24 * 1e4, max_concurrent_requests=0)
 # Opens after 2 failures of 2 calls; probes after 0.2 s.
-FRAGILE = BreakerSettings(
+FRAGILE = medium_breaker(
     circuit_failure_threshold=2, circuit_minimum_calls=2, circuit_window_size=4,
     circuit_success_threshold=1, circuit_timeout_seconds=0.2,
 )
@@ -88,8 +89,8 @@ def test_when_every_server_is_out_work_waits_visibly_and_resumes(caplog):
 
 def test_waiting_while_every_server_is_out_has_no_deadline():
     async def scenario():
-        limits = LimiterSettings(queue_timeout=0.01, max_concurrent_requests=0)
-        breakers = BreakerSettings(
+        limits = medium_limiter(queue_timeout=0.01, max_concurrent_requests=0)
+        breakers = medium_breaker(
             circuit_failure_threshold=2, circuit_minimum_calls=2, circuit_window_size=4,
             circuit_success_threshold=1, circuit_timeout_seconds=0.3,
         )
@@ -104,7 +105,7 @@ def test_waiting_while_every_server_is_out_has_no_deadline():
 
 def test_busy_servers_make_callers_wait_then_time_out_as_back_pressure():
     async def scenario():
-        limits = LimiterSettings(resilience_initial_rate=1.0, resilience_min_rate=1.0, queue_timeout=0.05, max_concurrent_requests=0)
+        limits = medium_limiter(resilience_initial_rate=1.0, resilience_min_rate=1.0, queue_timeout=0.05, max_concurrent_requests=0)
         router = Router(URLS[:1], limits, FRAGILE)
         assert router.endpoints[0].limiter.effective_limit == 1
         async with router.route():
@@ -118,7 +119,7 @@ def test_busy_servers_make_callers_wait_then_time_out_as_back_pressure():
 
 def test_a_freed_slot_wakes_the_first_waiter():
     async def scenario():
-        limits = LimiterSettings(resilience_initial_rate=1.0, resilience_min_rate=1.0, max_concurrent_requests=0)
+        limits = medium_limiter(resilience_initial_rate=1.0, resilience_min_rate=1.0, max_concurrent_requests=0)
         router = Router(URLS[:1], limits, FRAGILE)
         order: list[int] = []
 
@@ -136,7 +137,7 @@ def test_a_freed_slot_wakes_the_first_waiter():
 
 def test_the_per_run_cap_bounds_requests_in_flight_across_servers():
     async def scenario():
-        limits = LimiterSettings(resilience_max_rate=1e4, resilience_initial_rate=1e4, max_concurrent_requests=3,
+        limits = medium_limiter(resilience_max_rate=1e4, resilience_initial_rate=1e4, max_concurrent_requests=3,
                                  queue_timeout=0.05)
         router = Router(URLS, limits, FRAGILE)
         contexts = [router.route() for _ in range(3)]

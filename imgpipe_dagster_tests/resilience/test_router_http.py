@@ -8,7 +8,8 @@ import socket
 import httpx
 import uvicorn
 
-from imgpipe_dagster.resilience import BreakerSettings, BreakerState, LimiterSettings, Router
+from imgpipe_dagster.resilience import BreakerState, Router
+from imgpipe_dagster_tests.resilience.medium import medium_breaker, medium_limiter
 
 
 def free_port() -> int:
@@ -40,11 +41,11 @@ def test_a_server_answering_500_is_taken_out_and_the_healthy_one_takes_the_work(
     async def scenario():
         healthy = await start(answering(200))
         broken = await start(answering(500))
-        breakers = BreakerSettings(
+        breakers = medium_breaker(
             circuit_failure_threshold=5, circuit_window_size=10, circuit_minimum_calls=5,
             circuit_timeout_seconds=3600,
         )
-        router = Router([broken[2], healthy[2]], LimiterSettings(max_concurrent_requests=0), breakers)
+        router = Router([broken[2], healthy[2]], medium_limiter(max_concurrent_requests=0), breakers)
         served_by: list[str] = []
         try:
             async with httpx.AsyncClient() as client:
