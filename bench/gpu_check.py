@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_server import synthetic_images  # noqa: E402
 from imgpipe_dagster.gpu_server.image_prep import normalise_and_patchify  # noqa: E402
-from imgpipe_dagster.gpu_server.inference import InferenceEngine, ModelSettings  # noqa: E402
+from imgpipe_dagster.gpu_server.inference import InferenceEngine  # noqa: E402
 from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model, write_random_weights_dir  # noqa: E402
+from imgpipe_dagster.settings_map import medium_model_settings  # noqa: E402
 
 
 def main() -> int:
@@ -40,8 +41,8 @@ def main() -> int:
             folder, random_weights = build_tiny_model(Path(tmp) / "tiny"), False
         else:
             folder, random_weights = write_random_weights_dir(Path(tmp) / args.arch, args.arch), True
-        settings = ModelSettings(model_path=str(folder), device=args.device, random_weights=random_weights,
-                                 max_new_tokens=args.new_tokens, backend="fast")
+        settings = medium_model_settings(str(folder), device=args.device, random_weights=random_weights,
+                                         max_new_tokens=args.new_tokens, backend="fast")
         engine = InferenceEngine(settings)
         side = 448 if args.device.startswith("cuda") else 112
         batch = engine.prepare(synthetic_images(args.images, side, seed=3), "caption_short_v1")

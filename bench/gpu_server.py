@@ -80,24 +80,27 @@ def model_dir(arch: str, work: Path) -> tuple[Path, bool]:
 
 
 def start_server(args, model: Path, random_weights: bool, batch: int, port: int, log_path: Path):
-    cmd = [
-        sys.executable, "-m", "imgpipe_dagster.gpu_server",
-        "--model", str(model), "--device", args.device, "--port", str(port),
-        "--max-inference-batch-size", str(batch), "--max-batch-images", str(batch),
-        "--max-inference-queue-size", str(max(4 * batch, 2 * args.clients * args.request_images)),
-        "--max-request-images", str(max(args.request_images, 1)),
-        "--batch-wait-timeout", str(args.batch_wait),
-        "--max-concurrent-generations", "3",
-        "--max-new-tokens", str(args.new_tokens),
-        "--clear-cache-every-n-requests", "0",
-        "--enable-memory-defrag", "false",
-        "--engine-option", f"min_new_tokens={args.new_tokens}",
-        "--engine-option", f"max_pixels={args.side * args.side}",
-    ]
-    if random_weights:
-        cmd.append("--random-weights")
+    from imgpipe_dagster.settings_map import medium_server_settings
+
+    # --engine-option KEY=VALUE sets a ModelSettings field (value parsed as JSON when it is JSON).
+    options = {}
     for option in args.engine_option:
-        cmd += ["--engine-option", option]
+        key, _, value = option.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    settings = medium_server_settings(
+        str(model), device=args.device, port=port, max_inference_batch_size=batch, max_batch_images=batch,
+        max_inference_queue_size=max(4 * batch, 2 * args.clients * args.request_images),
+        max_request_images=max(args.request_images, 1), batch_wait_timeout=args.batch_wait,
+        max_concurrent_generations=3, max_new_tokens=args.new_tokens, clear_cache_every_n_requests=0,
+        enable_memory_defrag=False, min_new_tokens=args.new_tokens, max_pixels=args.side * args.side,
+        random_weights=random_weights, **options,
+    )
+    settings_file = log_path.with_suffix(".settings.json")
+    settings_file.write_text(settings.to_json())
+    cmd = [sys.executable, "-m", "imgpipe_dagster.gpu_server", "--settings-file", str(settings_file)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     log_file = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 
-from imgpipe_dagster.resilience import AdaptiveLimiter, LimiterSettings, legacy_profile  # noqa: E402
-from imgpipe_dagster.resilience.settings import LEGACY_PROFILES  # noqa: E402
+from imgpipe_dagster.resilience import AdaptiveLimiter, LimiterSettings  # noqa: E402
+from imgpipe_dagster.settings_map import profile_engine_settings  # noqa: E402
 
 SCENARIOS = ["conservative", "medium", "aggressive", "fixed_medium"]
 
@@ -310,12 +310,12 @@ def figures(run: Run, args: argparse.Namespace, phases: dict[str, float]) -> dic
 def make_run(name: str, args: argparse.Namespace) -> Run:
     scale = args.time_scale
     if name == "fixed_medium":
-        medium = LimiterSettings()
-        limiter = FixedRateLimiter(medium.resilience_initial_rate / scale, medium.resilience_max_concurrent)
-        return Run(name, limiter, LEGACY_PROFILES["medium"]["request_timeout"] * scale)
-    settings = legacy_profile(name)[0].scaled(scale)
-    limiter = AdaptiveLimiter(f"sim-{name}", settings)
-    return Run(name, limiter, LEGACY_PROFILES[name]["request_timeout"] * scale)
+        medium = profile_engine_settings("medium")
+        limiter = FixedRateLimiter(medium.limiter.resilience_initial_rate / scale, medium.limiter.resilience_max_concurrent)
+        return Run(name, limiter, medium.run.request_timeout * scale)
+    profile = profile_engine_settings(name)
+    limiter = AdaptiveLimiter(f"sim-{name}", profile.limiter.scaled(scale))
+    return Run(name, limiter, profile.run.request_timeout * scale)
 
 
 async def bench(args: argparse.Namespace) -> None:

@@ -76,23 +76,20 @@ def bench_writer(url: str, rows: int, chunk: int) -> None:
 
 def bench_end_to_end(url: str, n_urls: int, devices: list[str]) -> None:
     from imgpipe_dagster.engine.runner import ShardRunner
-    from imgpipe_dagster.engine.settings import engine_settings
     from imgpipe_dagster.fetch.settings import FetchSettings
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
-    from imgpipe_dagster.gpu_server.settings import ServerSettings
     from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
     from imgpipe_dagster.profiles import resolve
+    from imgpipe_dagster.settings_map import engine_settings, model_settings, server_settings
     from imgpipe_dagster.testing.image_server import ImageServer, photo_names
 
     state = Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
     model = build_tiny_model(state / "tiny")
     worker, gpu = resolve("medium", {"images_per_request": 16, "chunk_size": 100})
-    server_settings = ServerSettings(model_path=str(model), max_inference_batch_size=gpu.max_inference_batch_size,
-                                     max_batch_images=gpu.max_batch_images,
-                                     batch_wait_timeout=gpu.batch_wait_timeout, port=18600)  # fmt: skip
-    launcher = GpuServerLauncher(state / "gpu-servers", server_settings, startup_timeout_s=300)
+    settings = server_settings(gpu, model_settings(gpu, str(model)))
+    launcher = GpuServerLauncher(state / "gpu-servers", settings, startup_timeout_s=300)
     try:
-        endpoints = [e.url for e in launcher.ensure(devices, base_port=18600)]
+        endpoints = [e.url for e in launcher.ensure(devices, base_port=0)]
         with ImageServer() as images, db.connect(url) as conn:
             names = photo_names()
             urls = [images.image_url(names[i % len(names)], "jpg", width=640 + (i % 5) * 128, n=i) for i in range(n_urls)]

@@ -188,12 +188,11 @@ def slope_per_minute(values: list[float]) -> float | None:
 
 def driver_main(args: argparse.Namespace) -> int:
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
-    from imgpipe_dagster.gpu_server.settings import ServerSettings
     from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
+    from imgpipe_dagster.settings_map import medium_server_settings
     from imgpipe_dagster.store.embedded import EmbeddedPostgres
     from imgpipe_dagster.store.migrations import migrate
     from imgpipe_dagster.testing.image_server import ImageServer
-    from imgpipe_dagster_tests.support import free_port_pair
 
     state = Path(tempfile.mkdtemp(prefix="soak-", dir=REPO / ".imgpipe" if (REPO / ".imgpipe").is_dir() else None))
     server_pg = None
@@ -213,13 +212,12 @@ def driver_main(args: argparse.Namespace) -> int:
             migrate(conn)
             launcher = GpuServerLauncher(
                 state / "gpu-servers",
-                ServerSettings(model_path=str(build_tiny_model(state / "tiny-model")), max_new_tokens=8,
-                               max_inference_batch_size=32, max_concurrent_generations=2, batch_wait_timeout=0.05,
-                               engine_options={"max_pixels": 112 * 112}),
+                medium_server_settings(str(build_tiny_model(state / "tiny-model")), max_new_tokens=8,
+                                       max_inference_batch_size=32, max_concurrent_generations=2,
+                                       batch_wait_timeout=0.05, max_pixels=112 * 112),
                 startup_timeout_s=600, extra_env={"OMP_NUM_THREADS": "1"},
             )  # fmt: skip
-            base_port = free_port_pair()
-            endpoints = launcher.ensure(["cpu", "cpu"], base_port=base_port)
+            endpoints = launcher.ensure(["cpu", "cpu"], base_port=0)
             shard_no = 0
             for _ in range(3):
                 shard_no += 1

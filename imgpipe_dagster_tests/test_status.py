@@ -11,7 +11,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
-from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.status import SCREEN_WIDTH, collect, render, write_router_snapshot
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.support import free_port, seed_corpus
@@ -71,9 +71,9 @@ def gpu_server(tiny_model_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IMGPIPE_HOME", str(home))
         launcher = GpuServerLauncher(
-            home / "gpu-servers", ServerSettings(model_path=str(tiny_model_dir)), startup_timeout_s=300
+            home / "gpu-servers", medium_server_settings(str(tiny_model_dir)), startup_timeout_s=300
         )
-        (endpoint,) = launcher.ensure(["cpu"], base_port=free_port())
+        (endpoint,) = launcher.ensure(["cpu"], base_port=0)
         try:
             yield endpoint.url
         finally:

@@ -18,7 +18,7 @@ from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store.verify import verify
-from imgpipe_dagster_tests.support import free_port_pair, seed_corpus
+from imgpipe_dagster_tests.support import seed_corpus
 
 SMALL_RUN = {
     "images_per_request": 4, "chunk_size": 5, "max_concurrent_batches": 4, "lease_seconds": 5,
@@ -30,7 +30,7 @@ SMALL_RUN = {
 def gpu_servers(tiny_model_dir, imgpipe_home):
     """Managed-mode resource on two CPU 'GPUs'; the servers are stopped after the test."""
     resource = GpuModelResource(
-        devices=["cpu", "cpu"], base_port=free_port_pair(), model_path=str(tiny_model_dir), idle_timeout_s=300,
+        devices=["cpu", "cpu"], base_port=0, model_path=str(tiny_model_dir), idle_timeout_s=300,
         startup_timeout_s=300,
     )
     yield resource
@@ -95,9 +95,9 @@ def test_two_shards_end_to_end(dagster_instance, database_url, conn, image_serve
 KILLABLE_RUN = textwrap.dedent("""
     import sys
     from imgpipe_dagster.engine.runner import ShardRunner
-    from imgpipe_dagster.engine.settings import engine_settings
     from imgpipe_dagster.fetch.settings import FetchSettings
     from imgpipe_dagster.profiles import resolve
+    from imgpipe_dagster.settings_map import engine_settings
     worker, _ = resolve("medium", {"images_per_request": 2, "chunk_size": 2, "max_concurrent_batches": 1,
                                    "lease_seconds": 5, "prefetch_concurrent_downloads": 2})
     fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=2, prefetch_queue_size=2)

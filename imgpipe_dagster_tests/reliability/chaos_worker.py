@@ -14,9 +14,10 @@ import sys
 from dataclasses import replace
 
 from imgpipe_dagster.engine.runner import ShardRunner
-from imgpipe_dagster.engine.settings import EngineSettings, engine_settings
+from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.profiles import resolve
+from imgpipe_dagster.settings_map import engine_settings
 
 # Worker overrides of the medium profile: small requests and chunks so a 5,000-URL run has many of
 # each, a 5 s lease so a killed run's URLs come back quickly, fast retries.

@@ -29,9 +29,9 @@ from dagster import materialize
 from imgpipe_dagster.assets.analysis import CHECK_COMPLETE, image_analysis
 from imgpipe_dagster.fetch.errors import ErrorClass
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
-from imgpipe_dagster.gpu_server.settings import ServerSettings
 from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
+from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster.testing.image_server import ImageServer
 from imgpipe_dagster_tests.reliability.chaos_worker import WORKER_OVERRIDES, chaos_engine_settings
@@ -195,9 +195,9 @@ def test_chaos_run_loses_nothing(dagster_instance, database_url, conn, image_ser
 
     launcher = GpuServerLauncher(
         tmp_path / "gpu-servers",
-        ServerSettings(model_path=str(tiny_model_dir), max_new_tokens=8, max_inference_batch_size=32,
-                       max_concurrent_generations=2, batch_wait_timeout=0.05, idle_timeout_s=900,
-                       engine_options={"max_pixels": 112 * 112}),
+        medium_server_settings(str(tiny_model_dir), max_new_tokens=8, max_inference_batch_size=32,
+                               max_concurrent_generations=2, batch_wait_timeout=0.05, idle_timeout_s=900,
+                               max_pixels=112 * 112),
         startup_timeout_s=300,
         # one torch thread per CPU server: two servers spinning two OpenMP threads each on 2 cores
         # run ten times slower than with one

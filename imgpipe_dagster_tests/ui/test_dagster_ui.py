@@ -25,7 +25,7 @@ import pytest
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.conftest import REPO_ROOT, _create_from_template
-from imgpipe_dagster_tests.support import free_port, free_port_pair, seed_corpus
+from imgpipe_dagster_tests.support import free_port, seed_corpus
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -131,7 +131,7 @@ def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Itera
         db.DATABASE_URL_ENV: database_url,
         "IMGPIPE_MODEL_PATH": str(tiny_model_dir),
         "IMGPIPE_GPU_DEVICES": "cpu,cpu",
-        "IMGPIPE_GPU_BASE_PORT": str(free_port_pair()),
+        "IMGPIPE_GPU_BASE_PORT": "0",  # each server binds a free port and records it
         "IMGPIPE_ALLOWED_NETWORKS": "127.0.0.0/8",
         "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
     }
