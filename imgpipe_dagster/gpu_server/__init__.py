@@ -1,6 +1,8 @@
 """GPU inference server: batched Qwen-VL behind HTTP, one process per GPU (no Dagster here).
 
-Parts: settings.py (ServerSettings), app.py (Starlette endpoints), batcher.py (admission queue and
-pipelined dynamic batching), inference.py (the model), launcher.py (start/stop/status of one server
-per GPU), client.py (async client), wire.py (request framing), metrics.py (Prometheus).
+Parts: settings.py (ServerSettings with its ModelSettings part, and their JSON form), health.py (the
+typed /health document), app.py (Starlette endpoints), batcher.py (admission queue and pipelined dynamic
+batching), inference.py (the model), launcher.py (start/reuse/reconfigure/stop of one server per GPU),
+discovery.py (which servers there are), client.py (async client), wire.py (request framing),
+metrics.py (Prometheus).
 """

@@ -121,3 +121,21 @@ def test_a_settings_file_is_validated_before_anything_starts(tmp_path: Path) -> 
         ServerSettings.from_dict(document)
     with pytest.raises(ValueError, match="unknown field"):
         ServerSettings.from_dict({**document, "max_batch_images": 2, "engine_options": {}})
+
+
+def test_command_line_start_takes_a_profile_and_field_flags(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = str(tmp_path / "state")
+    argv = ["start", "--state-dir", state_dir, "--model", str(tiny_model_dir), "--devices", "cpu",
+            "--base-port", "0", "--profile", "conservative", "--max-new-tokens", "2",
+            "--max-batch-images", "64", "--token", TOKEN, "--startup-timeout", "120"]  # fmt: skip
+    try:
+        assert launcher_main(argv) == 0
+        (endpoint,) = json.loads(capsys.readouterr().out)
+        settings = httpx.get(f"{endpoint['url']}/health", timeout=30).json()["settings"]
+        assert settings["max_inference_queue_size"] == 500  # conservative
+        assert settings["max_batch_images"] == 64 and settings["model"]["max_new_tokens"] == 2
+        assert TOKEN not in " ".join(psutil.Process(endpoint["pid"]).cmdline())
+    finally:
+        assert launcher_main(["stop", "--state-dir", state_dir]) == 0
