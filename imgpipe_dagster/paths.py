@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from imgpipe_dagster.environment import read_environment
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -39,8 +41,6 @@ def project_root() -> Path | None:
 
 def imgpipe_home() -> Path:
     """State folder (embedded database, Dagster home, GPU server records): ``$IMGPIPE_HOME`` or ./.imgpipe."""
-    from imgpipe_dagster.environment import read_environment
-
     configured = read_environment().home
     home = Path(configured) if configured else Path.cwd() / ".imgpipe"
     return home.resolve()
