@@ -23,7 +23,7 @@ from imgpipe_dagster.engine.settings import engine_settings
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
-from imgpipe_dagster.status import write_router_snapshot
+from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.store.verify import verify
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
