@@ -30,21 +30,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from imgpipe_dagster.store import database as db
-from imgpipe_dagster.store.stats import Progress, progress
+from imgpipe_dagster.store.stats import Progress, failures_by_class, progress
 
 log = logging.getLogger("imgpipe.metrics")
 
 DEFAULT_PORT = 9108
 URL_STATES = ("pending", "leased", "failed_retryable", "failed_permanent", "done")
-
-
-def failures_by_class(conn: psycopg.Connection) -> dict[str, int]:
-    return {
-        str(error_class or "unknown"): int(n)
-        for error_class, n in conn.execute(
-            "SELECT error_class, count(*) FROM url_analysis_results WHERE status <> 'ok' GROUP BY 1"
-        ).fetchall()
-    }
 
 
 def pipeline_metrics(p: Progress, failures: dict[str, int]) -> list[Metric]:
