@@ -58,8 +58,8 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     from dagster import DagsterInstance
 
     from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
-    from imgpipe_dagster.environment import dagster_home, prepare_environment
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+    from imgpipe_dagster.local_instance import dagster_home, prepare_environment
     from imgpipe_dagster.resources.fetcher import ALLOWED_NETWORKS_ENV
     from imgpipe_dagster.resources.gpu_model import MODEL_PATH_ENV, ensure_tiny_model
     from imgpipe_dagster.store import database as db

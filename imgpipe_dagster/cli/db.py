@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from imgpipe_dagster.environment import prepare_environment
+from imgpipe_dagster.local_instance import prepare_environment
 from imgpipe_dagster.store import database as db
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from imgpipe_dagster.cli.ports import ensure_port_free
-from imgpipe_dagster.environment import dagster_home, prepare_environment
+from imgpipe_dagster.local_instance import dagster_home, prepare_environment
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

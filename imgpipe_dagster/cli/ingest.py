@@ -16,7 +16,7 @@ import time
 from imgpipe_dagster.corpus.errors import CorpusInputError
 from imgpipe_dagster.corpus.ingest import IngestReport, ingest_files
 from imgpipe_dagster.corpus.shards import sync_shard_partitions
-from imgpipe_dagster.environment import dagster_home, prepare_environment
+from imgpipe_dagster.local_instance import dagster_home, prepare_environment
 from imgpipe_dagster.store import database as db
 
 PROGRESS_EVERY_S = 10.0

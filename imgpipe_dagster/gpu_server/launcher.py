@@ -111,7 +111,7 @@ class GpuServerLauncher:
             with self._lock(port):
                 record = self._read_record(port)
                 if record is not None and self._alive(record):
-                    stop_process_group(record["pid"], timeout_s)
+                    _terminate(record["pid"], timeout_s)
                     stopped.append(port)
                 self._record_path(port).unlink(missing_ok=True)
         return stopped
@@ -143,7 +143,7 @@ class GpuServerLauncher:
                     health = self._await_ready(record, started_here=False)
                     if health is not None:
                         return Endpoint(_url(host, port), port, device, record["pid"], reused=True)
-                stop_process_group(record["pid"], 30.0)
+                _terminate(record["pid"], 30.0)
             self._record_path(port).unlink(missing_ok=True)
             return self._start(device, port, host)
 
@@ -206,7 +206,7 @@ class GpuServerLauncher:
                 return health
             if status in ("failed", "draining"):
                 if started_here:
-                    stop_process_group(record["pid"], 10.0)
+                    _terminate(record["pid"], 10.0)
                     raise ServerStartError(
                         f"server on port {record['port']} is {status}: {health.get('error') if health else ''}\n"
                         f"{_tail(record['log'])}"
@@ -221,7 +221,7 @@ class GpuServerLauncher:
                 unreachable_since = None
             time.sleep(0.25)
         if started_here:
-            stop_process_group(record["pid"], 10.0)
+            _terminate(record["pid"], 10.0)
             raise ServerStartError(
                 f"server on port {record['port']} not ready after {self.startup_timeout_s:.0f}s\n{_tail(record['log'])}"
             )
@@ -283,6 +283,11 @@ class GpuServerLauncher:
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    """SIGTERM (graceful: uvicorn finishes in-flight requests), then SIGKILL after ``timeout_s``."""
+    stop_process_group(pid, timeout_s)
 
 
 def _tail(path: str, lines: int = 40) -> str:

@@ -1,5 +1,5 @@
-"""The process environment a command or the demo needs: the project database ready and exported,
-and DAGSTER_HOME pointing at the project's own Dagster instance folder.
+"""The project's local instance as a command or the demo needs it: the project database ready and
+exported, and DAGSTER_HOME pointing at the project's own Dagster instance folder.
 
 No Dagster import and no CLI here: the commands in ``imgpipe_dagster.cli`` and ``imgpipe_dagster.demo``
 call these.
