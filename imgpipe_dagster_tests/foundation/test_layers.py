@@ -123,3 +123,15 @@ def test_engine_never_reaches_dagster_or_the_cli(folder):
             if bad:
                 offenders.append(f"{start} reaches {name}, which imports {sorted(bad)}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_nothing_below_the_cli_imports_it():
+    modules = package_modules()
+    cli = f"{PACKAGE}.cli"
+    importers = [
+        name
+        for name, path in modules.items()
+        if not (name == cli or name.startswith(cli + "."))
+        and any(imported == cli or imported.startswith(cli + ".") for imported in imported_names(path, name))
+    ]
+    assert importers == [], f"modules that import the CLI: {importers}"
