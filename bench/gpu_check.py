@@ -49,8 +49,9 @@ def main() -> int:
         dev = torch.device(args.device)
         fast = engine._fast
         with torch.inference_mode():
-            pixels = torch.cat([normalise_and_patchify(img.unsqueeze(0)) for img in batch.images]).to(dev, engine._dtype)
-            grid = torch.tensor([[1, h // 14, w // 14] for h, w in batch.grids], device=dev)
+            pixels = torch.cat([normalise_and_patchify(img.unsqueeze(0), engine.patch_grid) for img in batch.images]).to(
+                dev, engine._dtype)  # fmt: skip
+            grid = torch.tensor([[1, *engine.patch_grid.patches(h, w)] for h, w in batch.grids], device=dev)
             kwargs = dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
                           pixel_values=pixels, image_grid_thw=grid)
             if engine._wants_token_types:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from imgpipe_dagster.gpu_server import wire  # noqa: E402
 from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model, write_random_weights_dir  # noqa: E402
+from imgpipe_dagster.processes import stop_process_group  # noqa: E402
 
 BASELINE_ARCH = {"qwen2-vl-2b": "qwen2-vl-2b", "qwen2-vl-7b": "qwen2-vl-7b", "tiny": "tiny"}
 
@@ -262,12 +263,7 @@ async def bench_one(args, model: Path, random_weights: bool, batch: int, images:
         )
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_process_group(proc, grace_s=20)
         log_file.close()
 
 

@@ -100,14 +100,14 @@ def bench_end_to_end(url: str, n_urls: int, devices: list[str]) -> None:
             started = time.perf_counter()
             summary = runner.run()
             elapsed = time.perf_counter() - started
-        stages = summary["stage_seconds"]
+        stages = summary.stage_seconds
         busy = sum(stages.values()) or 1.0
-        emit(figure="end_to_end_images_per_s", value=round(summary["urls_done"] / elapsed, 2), urls=n_urls,
-             done=summary["urls_done"], devices=devices, model="tiny random Qwen2-VL (CPU)")  # fmt: skip
+        emit(figure="end_to_end_images_per_s", value=round(summary.urls_done / elapsed, 2), urls=n_urls,
+             done=summary.urls_done, devices=devices, model="tiny random Qwen2-VL (CPU)")  # fmt: skip
         for stage, seconds in stages.items():
             emit(figure=f"stage_share_{stage}", value=round(seconds / busy, 3), busy_seconds=seconds)
-        emit(figure="download_ms_p50", value=summary["download_ms_p50"])
-        emit(figure="inference_ms_p50", value=summary["inference_ms_p50"])
+        emit(figure="download_ms_p50", value=summary.download_ms_p50)
+        emit(figure="inference_ms_p50", value=summary.inference_ms_p50)
     finally:
         launcher.stop()
 

@@ -195,8 +195,7 @@ def main() -> None:
 
 
 def run_ticks(args, url: str, dagster_url: str) -> None:
-    from dagster import DagsterRunStatus, build_sensor_context
-    from dagster._core.instance_for_test import instance_for_test
+    from dagster import DagsterRunStatus, build_sensor_context, instance_for_test
     from dagster._core.test_utils import create_run_for_test
 
     from imgpipe_dagster.resources import GpuModelResource, PostgresResource

@@ -1,4 +1,4 @@
-"""`imgpipe demo` (README command one, `make run`): the main job end to end on embedded defaults.
+"""The demo (`imgpipe demo`, README command one, `make run`): the main job end to end on embedded defaults.
 
 Starts the embedded PostgreSQL, serves the bundled sample photographs (plus a few broken URLs) on
 127.0.0.1, ingests that corpus, runs the analyze_medium job over every pending shard through the
@@ -8,7 +8,6 @@ Without IMGPIPE_MODEL_PATH the model is the tiny random test model, and the outp
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -54,12 +53,13 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60.0) 
     raise RuntimeError(f"the sample image server did not answer {url} within {timeout_s:.0f}s")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
+    """Prints its steps and a summary; returns the exit status (1 when the Dagster run failed)."""
     from dagster import DagsterInstance
 
-    from imgpipe_dagster.cli import dagster_home, prepare_environment
     from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+    from imgpipe_dagster.local_instance import dagster_home, prepare_environment
     from imgpipe_dagster.resources.fetcher import ALLOWED_NETWORKS_ENV
     from imgpipe_dagster.resources.gpu_model import MODEL_PATH_ENV, ensure_tiny_model
     from imgpipe_dagster.store import database as db
@@ -80,17 +80,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # Its own process: resizing photos on demand must not compete with the run for one GIL.
     image_server = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(args.image_port)],
+        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(image_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    base_url = f"http://127.0.0.1:{args.image_port}"
+    base_url = f"http://127.0.0.1:{image_port}"
     try:
         wait_for_http(base_url + "/img/rocket.jpg?w=64", image_server)
         corpus_file = imgpipe_home() / "demo" / "sample_corpus.csv"
         n_urls = write_sample_corpus(corpus_file, base_url)
         instance = DagsterInstance.get()
         with db.connect(url) as conn:
-            report = ingest_files(conn, [corpus_file], shard_size=args.shard_size)
+            report = ingest_files(conn, [corpus_file], shard_size=shard_size)
             sync_shard_partitions(instance, conn)
             pending = [row[0] for row in conn.execute(
                 "SELECT DISTINCT shard_id FROM corpus_urls WHERE state IN ('pending', 'failed_retryable', 'leased')"
@@ -117,7 +117,7 @@ def run_demo(args: argparse.Namespace) -> int:
         image_server.terminate()
         image_server.wait(timeout=30)
 
-    if not args.keep_servers:
+    if not keep_servers:
         GpuServerLauncher(gpu_server_records_dir()).stop()
     print_summary(url, real_model is None, result.run_id if result is not None else None)
     print(f"5/5 done in {time.monotonic() - started:.0f}s. Browse runs, lineage and partitions: "

@@ -1,4 +1,4 @@
-"""The pipeline's rate, backlog and errors in Prometheus text format (`imgpipe metrics --port 9108`).
+"""The pipeline's rate, backlog and errors in Prometheus text format (served by `imgpipe metrics --port 9108`).
 
 The GPU servers export their own /metrics (``imgpipe_gpu_server_*``); this exporter adds what only
 the database knows. Each scrape runs the store.stats queries, at most once per ``min_interval_s``
@@ -18,7 +18,6 @@ Names (Prometheus conventions: base units, ``_total`` for counts):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import threading
@@ -31,21 +30,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from imgpipe_dagster.store import database as db
-from imgpipe_dagster.store.stats import Progress, progress
+from imgpipe_dagster.store.stats import Progress, failures_by_class, progress
 
 log = logging.getLogger("imgpipe.metrics")
 
 DEFAULT_PORT = 9108
 URL_STATES = ("pending", "leased", "failed_retryable", "failed_permanent", "done")
-
-
-def failures_by_class(conn: psycopg.Connection) -> dict[str, int]:
-    return {
-        str(error_class or "unknown"): int(n)
-        for error_class, n in conn.execute(
-            "SELECT error_class, count(*) FROM url_analysis_results WHERE status <> 'ok' GROUP BY 1"
-        ).fetchall()
-    }
 
 
 def pipeline_metrics(p: Progress, failures: dict[str, int]) -> list[Metric]:
@@ -134,27 +124,3 @@ def serve(database_url: str, host: str, port: int, min_interval_s: float = 15.0)
     from prometheus_client import start_http_server
 
     return start_http_server(port, addr=host, registry=registry_for(database_url, min_interval_s))
-
-
-def cmd_metrics(args: argparse.Namespace) -> int:
-    from imgpipe_dagster.cli import ensure_port_free
-
-    ensure_port_free(args.host, args.port)
-    url = db.resolve_database_url()
-    server, _thread = serve(url, args.host, args.port, args.min_interval)
-    print(f"imgpipe metrics: http://{args.host}:{args.port}/metrics ({db.redact(url)})", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        server.shutdown()
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from imgpipe_dagster.cli import COMMANDS
-
-    p = sub.add_parser("metrics", help="serve the pipeline's rate, backlog and errors as Prometheus /metrics")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a remote Prometheus)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--min-interval", type=float, default=15.0, help="seconds a database reading is reused")
-    COMMANDS["metrics"] = cmd_metrics

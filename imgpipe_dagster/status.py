@@ -1,37 +1,28 @@
-"""`imgpipe status`: the whole pipeline on one screen (the legacy redis-cli / psql / curl checks in one).
+"""The whole pipeline's state in one object (the legacy redis-cli / psql / curl checks in one).
 
 Backlog (URLs and shards pending, done, failed), URLs per minute over the last 10 minutes, the ETA,
 each GPU server's /health (queue, batch size, images/s, memory) with the circuit breaker the runs
-see for it, the profile in force and the throttle's last decision with its reason. ``--json`` prints
-the same data as one JSON object; ``--watch`` redraws it every few seconds. Every line fits 100 columns.
+see for it, the profile in force and the throttle's last decision with its reason. `imgpipe status`
+(imgpipe_dagster.cli.status) draws it on one screen or prints it as JSON.
 
-The breaker lives inside each run's router, so runs publish it with ``write_router_snapshot`` and
-this command reads the fresh snapshots back (older than ``ROUTER_SNAPSHOT_MAX_AGE_S``: no run uses it).
+The breaker lives inside each run's router, so runs publish it (imgpipe_dagster.router_snapshots)
+and ``collect`` reads the fresh snapshots back.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 
-from imgpipe_dagster.environment import GPU_ENDPOINTS_ENV
 from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
-from imgpipe_dagster.paths import imgpipe_home
-from imgpipe_dagster.store import database as db
+from imgpipe_dagster.router_snapshots import read_breakers
 from imgpipe_dagster.store.stats import Progress, progress
 
-SCREEN_WIDTH = 100
-# A run rewrites its snapshot every progress interval; older ones belong to runs that ended.
-ROUTER_SNAPSHOT_MAX_AGE_S = 120.0
 HEALTH_TIMEOUT_S = 2.0
 DEFAULT_PROFILE = "medium"
 
@@ -77,45 +68,6 @@ class Status:
 
 
 # ----------------------------------------------------------------- collecting
-
-
-def router_snapshot_dir() -> Path:
-    return imgpipe_home() / "router"
-
-
-def write_router_snapshot(run_id: str, snapshot: dict | None) -> None:
-    """Publish a run's router snapshot (``ShardRunner`` progress summaries carry it as "router")."""
-    if not snapshot:
-        return
-    folder = router_snapshot_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{run_id}.json"
-    temporary = target.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"written_at": time.time(), "router": snapshot}, default=str))
-    temporary.replace(target)  # readers never see half a file
-
-
-def read_breakers(max_age_s: float = ROUTER_SNAPSHOT_MAX_AGE_S) -> dict[str, str]:
-    """Endpoint URL -> worst breaker state over the runs that published a fresh snapshot."""
-    rank = {"closed": 0, "half-open": 1, "open": 2}
-    found: dict[str, str] = {}
-    folder = router_snapshot_dir()
-    if not folder.is_dir():
-        return found
-    now = time.time()
-    for path in folder.glob("*.json"):
-        try:
-            body = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if now - float(body.get("written_at", 0)) > max_age_s:
-            continue
-        for endpoint in body.get("router", {}).get("endpoints", []):
-            url = str(endpoint.get("url", "")).rstrip("/")
-            state = str(endpoint.get("breaker", {}).get("state", ""))
-            if url and state in rank and rank[state] >= rank.get(found.get(url, "closed"), 0):
-                found[url] = state
-    return found
 
 
 def known_gpu_servers(extra: list[str] | None = None) -> list[str]:
@@ -224,133 +176,10 @@ def collect(conn: psycopg.Connection, gpu_urls: list[str] | None = None) -> Stat
     )
 
 
-# ----------------------------------------------------------------- rendering
-
-
-def duration(seconds: float | None) -> str:
+def format_eta(seconds: float | None) -> str:
+    """An ETA for people: ``2d 3h 05m``; None (no recent rate) says why there is none."""
     if seconds is None:
         return "unknown (nothing finished in the last hour)"
     days, rest = divmod(int(seconds), 86400)
     hours, rest = divmod(rest, 3600)
     return (f"{days}d " if days else "") + f"{hours}h {rest // 60:02d}m"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**30:.1f}G" if n >= 2**30 else f"{n / 2**20:.0f}M"
-
-
-def _memory(server: GpuServerStatus) -> str:
-    if server.memory_used_bytes is None:
-        return "-"
-    if server.memory_kind == "rss":
-        return f"{_bytes(server.memory_used_bytes)} rss"
-    return f"{_bytes(server.memory_used_bytes)}/{_bytes(server.memory_total_bytes)}"
-
-
-def _fit(text: str, width: int = SCREEN_WIDTH) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _bar(value: int, peak: int, width: int = 20) -> str:
-    return "#" * (round(value / peak * width) if peak else 0)
-
-
-def render(status: Status, width: int = SCREEN_WIDTH) -> str:
-    u, s = status.urls, status.shards
-    lines = [
-        f"imgpipe status  {status.generated_at}  profile {status.profile.upper()}"
-        + (" (default: no throttle decision yet)" if status.profile_source == "default" else "")
-        + ("  PAUSED" if status.paused else ""),
-        "",
-        f"Backlog  URLs   {u['total']:>12,} total  {u['done']:>12,} done  {u['failed_permanent']:>10,} failed"
-        f"  {u['unfinished']:>12,} to do",
-        f"         detail {u['pending']:>12,} pending {u['leased']:>10,} leased  {u['failed_retryable']:>10,}"
-        " waiting for a retry",
-        f"         shards {s['total']:>12,} total  {s['done']:>12,} done  {s['unfinished']:>10,} unfinished",
-        "",
-        f"Rate     {status.urls_per_min_10m:,.1f} URLs/min (10 min)   {status.urls_per_min_1h:,.1f} URLs/min (1 h)"
-        f"   ETA {duration(status.eta_s)}",
-    ]
-    peak = max((m["ok"] + m["failed"] for m in status.per_minute), default=0)
-    for m in status.per_minute:
-        done = m["ok"] + m["failed"]
-        lines.append(f"  {m['minute']} {done:>7,} ({m['failed']:>5,} failed) {_bar(done, peak)}")
-    lines += ["", "GPU servers"]
-    if not status.gpu_servers:
-        lines.append("  none found (no server started by the launcher; external ones: --gpu URL or "
-                     f"${GPU_ENDPOINTS_ENV})")  # fmt: skip
-    else:
-        lines.append(f"  {'server':<26} {'state':<8} {'queue':>11} {'batch':>9} {'img/s':>7} {'memory':>13}"
-                     f"  {'breaker':<9}")  # fmt: skip
-    for g in status.gpu_servers:
-        name = g.url.removeprefix("http://").removeprefix("https://")
-        if not g.reachable:
-            lines.append(_fit(f"  {name:<26} {'DOWN':<8} {g.error or ''}", width))
-            continue
-        queue = f"{g.queue_size}/{g.queue_capacity}"
-        batch = f"{g.mean_batch_size:.1f}/{g.max_batch_size}"
-        lines.append(_fit(
-            f"  {name:<26} {g.status or '?':<8} {queue:>11} {batch:>9} {g.images_per_s:>7.2f} {_memory(g):>13}"
-            f"  {g.breaker or 'no run':<9}" + (f" {g.error}" if g.error else ""), width))  # fmt: skip
-    lines += [""]
-    d = status.last_decision
-    if d is None:
-        lines.append("Throttle no throttle decision yet")
-    else:
-        lines.append(f"Throttle #{d['decision_id']} {d['decided_at']} {d['action']} -> {d['profile']}"
-                     + (f", submitted {len(d['submitted'])} shard(s)" if d["submitted"] else ""))  # fmt: skip
-        lines += _wrap(f"         reason: {d['reason']}", width, indent="         ")
-    if status.top_errors_24h:
-        errors = ", ".join(f"{c} {n:,}" for c, n in status.top_errors_24h)
-        lines += _wrap(f"Errors   (24 h) {errors}", width, indent="         ")
-    return "\n".join(_fit(line, width).rstrip() for line in lines)
-
-
-def _wrap(text: str, width: int, indent: str) -> list[str]:
-    """Word-wrap to ``width``; continuation lines start with ``indent``; at most three lines."""
-    lines: list[str] = []
-    current = text[: len(text) - len(text.lstrip())]  # keep the first line's own indent
-    for word in text.split():
-        if current.strip() and len(current) + 1 + len(word) > width:
-            lines.append(current)
-            current = indent + word
-        else:
-            current = f"{current} {word}" if current.strip() else current + word
-    lines.append(current)
-    return lines[:3]
-
-
-# ----------------------------------------------------------------- command
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    url = db.resolve_database_url()
-    gpu_urls = None
-    if args.gpu:
-        gpu_urls = known_gpu_servers(args.gpu)
-    while True:
-        with db.connect(url) as conn:
-            status = collect(conn, gpu_urls)
-        if args.json:
-            print(json.dumps(status.as_dict(), default=str), flush=True)
-        else:
-            screen = render(status)
-            # ANSI home + clear keeps --watch flicker-free on a terminal
-            print(("\x1b[H\x1b[2J" if args.watch else "") + screen, flush=True)
-        if not args.watch:
-            return 0
-        time.sleep(args.interval)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from imgpipe_dagster.cli import COMMANDS
-
-    p = sub.add_parser("status", help="backlog, rate, ETA, GPU servers and the throttle on one screen")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of the screen")
-    p.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between --watch refreshes")
-    p.add_argument("--gpu", action="append", metavar="URL",
-                   help=f"also show this GPU server (repeatable; ${GPU_ENDPOINTS_ENV} works too)")  # fmt: skip
-    COMMANDS["status"] = cmd_status

@@ -61,7 +61,7 @@ def _templates(pg_server_url: str) -> Iterator[dict[str, str]]:
         migrate(conn)
     dagster_url = db.with_database(pg_server_url, dagster_tpl)
     db.ensure_database(dagster_url)
-    from dagster._core.instance_for_test import instance_for_test
+    from dagster import instance_for_test
 
     with instance_for_test(overrides=_dagster_storage(dagster_url)):
         pass  # creating the instance runs Dagster's own schema migrations once
@@ -99,7 +99,7 @@ def dagster_database_url(pg_server_url: str, _templates: dict) -> str:
 @pytest.fixture
 def dagster_instance(dagster_database_url: str, database_url: str, monkeypatch):
     """A Dagster instance on its own Postgres storage; the project URL is exported for resources."""
-    from dagster._core.instance_for_test import instance_for_test
+    from dagster import instance_for_test
 
     monkeypatch.setenv(db.DATABASE_URL_ENV, database_url)
     monkeypatch.setenv(db.DAGSTER_DATABASE_URL_ENV, db.sqlalchemy_url(dagster_database_url))

@@ -10,9 +10,11 @@ import sys
 import pytest
 from psycopg.types.json import Jsonb
 
+from imgpipe_dagster.cli.status import SCREEN_WIDTH, render
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.settings_map import medium_server_settings
-from imgpipe_dagster.status import SCREEN_WIDTH, collect, render, write_router_snapshot
+from imgpipe_dagster.status import collect
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.support import free_port, seed_corpus
 

@@ -41,19 +41,6 @@ class UrlCorpusConfig(Config):
     shard_size: int = Field(default=10_000, ge=1, description="URLs per shard (one url_shards partition each)")
 
 
-def sync_partitions_in_instance(instance, conn) -> list[str]:
-    """Add the missing url_shards partitions to a Dagster instance; returns the keys added."""
-    return sync_shard_partitions(instance, conn, partitions_name=url_shards.name)
-
-
-def sync_partitions_in_dagster_home(conn) -> list[str]:
-    """The same for the instance at $DAGSTER_HOME (used by `imgpipe ingest`)."""
-    from dagster import DagsterInstance
-
-    with DagsterInstance.get() as instance:
-        return sync_partitions_in_instance(instance, conn)
-
-
 def _progress_logger(context: AssetExecutionContext):
     last = [time.monotonic()]
 
@@ -104,7 +91,7 @@ def _sync_after(context: AssetExecutionContext, conn) -> list[str]:
     try:
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             conn.rollback()
-        return sync_partitions_in_instance(context.instance, conn)
+        return sync_shard_partitions(context.instance, conn, partitions_name=url_shards.name)
     except (psycopg.Error, OSError) as exc:  # never hide the ingest's own failure behind this one
         context.log.warning(f"could not sync url_shards partitions: {exc}")
         return []

@@ -5,15 +5,8 @@ from dagster import AssetExecutionContext, AssetKey, MaterializeResult, Metadata
 
 from imgpipe_dagster.plots import throughput_markdown
 from imgpipe_dagster.resources import PostgresResource
+from imgpipe_dagster.status import format_eta
 from imgpipe_dagster.store.stats import progress, throughput_series
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown (nothing processed in the last hour)"
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    return (f"{days}d " if days else "") + f"{hours}h {rest // 60}m"
 
 
 @asset(
@@ -35,7 +28,7 @@ def progress_report(context: AssetExecutionContext, postgres: PostgresResource) 
         f"retry later {states['failed_retryable']})",
         f"shards: {p.shards_total} total, {p.shards_unfinished} unfinished",
         f"rate: {p.rate_10m_per_s * 60:.0f} URLs/min (10 min), {p.rate_1h_per_s * 60:.0f} URLs/min (1 h)",
-        f"ETA of the backlog: {_duration(p.eta_s)}",
+        f"ETA of the backlog: {format_eta(p.eta_s)}",
     ]
     context.log.info("\n".join(lines))
     return MaterializeResult(
@@ -49,7 +42,7 @@ def progress_report(context: AssetExecutionContext, postgres: PostgresResource) 
             "shards_unfinished": p.shards_unfinished,
             "urls_per_min_10m": round(p.rate_10m_per_s * 60, 1),
             "urls_per_min_1h": round(p.rate_1h_per_s * 60, 1),
-            "eta": _duration(p.eta_s),
+            "eta": format_eta(p.eta_s),
             "eta_s": p.eta_s or 0.0,
             "top_errors_24h": MetadataValue.json(dict(p.top_errors_24h)),
             "per_gpu_images_per_s_10m": MetadataValue.json({k: round(v, 2) for k, v in p.per_gpu_10m.items()}),

@@ -188,13 +188,48 @@ class _SeenFilter:
 
 def _prepare(batch: RawBatch, seq_start: int, settings: IngestSettings, columns: list[_Column] | None,
              sample_room: dict[int, int], seen: _SeenFilter | None = None) -> _Prepared:
+    """One read batch as the staging table's COPY payload, with its reject counts and samples."""
     normalised = normalise_batch(batch.urls, settings.max_url_length, batch.reasons)
-    reasons = normalised.reasons
+    counts = _reason_counts(normalised.reasons, batch.unparsed)
+    samples = _reject_samples(batch, normalised.reasons, counts, settings, sample_room)
+    kept = np.flatnonzero(normalised.reasons == OK)
+    urls = normalised.urls.take(pa.array(kept))
+    first_rows, digests = _first_of_each_url(urls)
+    must_probe = np.ones(len(digests), dtype=bool) if seen is None or not digests else seen.check_and_add(
+        b"".join(digests))  # fmt: skip
+    rows = kept[np.asarray(first_rows, dtype=np.int64)] if first_rows else np.zeros(0, dtype=np.int64)
+    table = {
+        "seq": pa.array(seq_start + np.arange(len(first_rows), dtype=np.int64)),
+        "line": pa.array(batch.lines[rows]),
+        "url": urls.take(pa.array(np.asarray(first_rows, dtype=np.int64))),
+        "url_hash": pa.array(["\\x" + digest.hex() for digest in digests], pa.string()),
+        "must_probe": pa.array(must_probe),
+    }
+    staged_columns = _stage_metadata_columns(batch, rows, table)
+    if columns is not None and [(c.key, c.pg_type) for c in columns] != [(c.key, c.pg_type) for c in staged_columns]:
+        # Parquet row groups can disagree on nothing here, but a change would corrupt the staging table.
+        raise CorpusInputError("(batch)", "metadata columns changed type within the file")
+    return _Prepared(
+        csv=_copy_payload(table, len(first_rows)), staged=len(first_rows),
+        rows_read=len(batch.urls) + len(batch.unparsed), valid=len(kept), reason_counts=counts, samples=samples,
+        columns=staged_columns,
+    )  # fmt: skip
+
+
+def _reason_counts(reasons: np.ndarray, unparsed: list[tuple[int | None, str, str]]) -> np.ndarray:
+    """Rejected rows per reason code (OK not counted), the lines the reader could not parse included."""
     counts = np.bincount(reasons, minlength=len(REASONS)).astype(np.int64)
     counts[OK] = 0
+    for _line, reason, _text in unparsed:
+        counts[REASONS.index(reason)] += 1
+    return counts
+
+
+def _reject_samples(batch: RawBatch, reasons: np.ndarray, counts: np.ndarray, settings: IngestSettings,
+                    sample_room: dict[int, int]) -> list[tuple[int | None, str, str]]:
+    """A few rejected values per reason, up to the room left for the file (``sample_room`` is spent)."""
     samples: list[tuple[int | None, str, str]] = []
     for line, reason, text in batch.unparsed:
-        counts[REASONS.index(reason)] += 1
         code = REASONS.index(reason)
         if sample_room.get(code, settings.reject_samples_per_reason) > 0:
             sample_room[code] = sample_room.get(code, settings.reject_samples_per_reason) - 1
@@ -208,9 +243,11 @@ def _prepare(batch: RawBatch, seq_start: int, settings: IngestSettings, columns:
         raw = batch.urls.take(pa.array(rows)).to_pylist()
         for row, value in zip(rows, raw, strict=True):
             samples.append((int(batch.lines[row]), REASONS[code], _sample_text(value, settings.reject_sample_chars)))
+    return samples
 
-    kept = np.flatnonzero(reasons == OK)
-    urls = normalised.urls.take(pa.array(kept))
+
+def _first_of_each_url(urls: pa.Array) -> tuple[list[int], list[bytes]]:
+    """(index of each URL's first occurrence in the batch, its md5 digest), in batch order."""
     # md5 in Python, on this thread, keeps the database backend (the bottleneck) free of it.
     digests: list[bytes] = []
     first_rows: list[int] = []
@@ -220,19 +257,11 @@ def _prepare(batch: RawBatch, seq_start: int, settings: IngestSettings, columns:
         if first_seen.setdefault(digest, index) == index:
             first_rows.append(index)
             digests.append(digest)
-    if seen is None or not digests:
-        must_probe = np.ones(len(digests), dtype=bool)
-    else:
-        must_probe = seen.check_and_add(b"".join(digests))
-    unique = pa.array(np.asarray(first_rows, dtype=np.int64))
-    rows = kept[np.asarray(first_rows, dtype=np.int64)] if first_rows else np.zeros(0, dtype=np.int64)
-    table = {
-        "seq": pa.array(seq_start + np.arange(len(first_rows), dtype=np.int64)),
-        "line": pa.array(batch.lines[rows]),
-        "url": urls.take(unique),
-        "url_hash": pa.array(["\\x" + digest.hex() for digest in digests], pa.string()),
-        "must_probe": pa.array(must_probe),
-    }
+    return first_rows, digests
+
+
+def _stage_metadata_columns(batch: RawBatch, rows: np.ndarray, table: dict[str, pa.Array]) -> list[_Column]:
+    """Adds the batch's metadata columns (the kept rows) to ``table`` as m0, m1, …; returns their description."""
     metadata_items = sorted(batch.metadata.items(), key=lambda item: item[0] != JSON_LINE)
     staged_columns = []
     for position, (name, values) in enumerate(metadata_items):
@@ -240,16 +269,14 @@ def _prepare(batch: RawBatch, seq_start: int, settings: IngestSettings, columns:
         stage_name = f"m{position}"
         table[stage_name] = ready
         staged_columns.append(_Column(key=name, stage_name=stage_name, pg_type=pg_type))
-    if columns is not None and [(c.key, c.pg_type) for c in columns] != [(c.key, c.pg_type) for c in staged_columns]:
-        # Parquet row groups can disagree on nothing here, but a change would corrupt the staging table.
-        raise CorpusInputError("(batch)", "metadata columns changed type within the file")
+    return staged_columns
+
+
+def _copy_payload(table: dict[str, pa.Array], rows: int) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     pcsv.write_csv(pa.table(table), sink, write_options=pcsv.WriteOptions(
-        include_header=False, batch_size=max(1, len(first_rows)), quoting_style="needed"))
-    return _Prepared(
-        csv=sink.getvalue(), staged=len(first_rows), rows_read=len(batch.urls) + len(batch.unparsed),
-        valid=len(kept), reason_counts=counts, samples=samples, columns=staged_columns,
-    )
+        include_header=False, batch_size=max(1, rows), quoting_style="needed"))
+    return sink.getvalue()
 
 
 def _prepare_file(source: SourceFile, settings: IngestSettings, corpus_was_empty: bool) -> Iterator[_Prepared]:

@@ -13,7 +13,7 @@ from psycopg import sql
 
 log = logging.getLogger("imgpipe.corpus")
 
-URL_SHARDS = "url_shards"  # the name of imgpipe_dagster.partitions.url_shards
+URL_SHARDS = "url_shards"  # Dagster's dynamic partitions of shards (imgpipe_dagster.partitions builds them)
 SHARD_DIGITS = 6
 _ADD_CHUNK = 1000
 

@@ -19,7 +19,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from imgpipe_dagster.engine.settings import EngineSettings
-from imgpipe_dagster.engine.stats import RunStats
+from imgpipe_dagster.engine.stats import RunStats, RunSummary
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
 from imgpipe_dagster.gpu_server.client import (
     GpuClient,
@@ -57,7 +57,7 @@ class ShardRunner:
         *,
         gpu_token: str | None = None,
         gpu_names: Sequence[str] | None = None,
-        progress: Callable[[str, dict], None] | None = None,
+        progress: Callable[[str, RunSummary], None] | None = None,
     ) -> None:
         if not shard_ids:
             raise ValueError("a shard run needs at least one shard")
@@ -76,10 +76,10 @@ class ShardRunner:
 
     # ------------------------------------------------------------------ entry point
 
-    def run(self) -> dict:
+    def run(self) -> RunSummary:
         return asyncio.run(self.run_async())
 
-    async def run_async(self) -> dict:
+    async def run_async(self) -> RunSummary:
         run = self.settings.run
         pool = ConnectionPool(
             self.database_url, min_size=1, max_size=run.max_concurrent_chunks + 2, open=True,
@@ -106,9 +106,7 @@ class ShardRunner:
             finally:
                 pool.close()
                 release_free_memory()
-        summary = self.stats.summary()
-        summary["final_state_counts"] = counts
-        summary["router"] = self._router_snapshot
+        summary = self.stats.summary(final_state_counts=counts, router=self._router_snapshot)
         self.progress(self.stats.progress_line(0), summary)
         return summary
 
@@ -408,7 +406,7 @@ class ShardRunner:
         while True:
             await asyncio.sleep(self.settings.run.progress_interval_s)
             remaining = max(self._unfinished_at_start - self.stats.finished, 0)
-            summary = self.stats.summary() | {"router": self._router.snapshot()}
+            summary = self.stats.summary(router=self._router.snapshot())
             self.progress(self.stats.progress_line(remaining), summary)
             release_free_memory()  # keeps a long run's RSS flat (see host_memory.py)
 

@@ -1,10 +1,11 @@
-"""Counters and latency samples of one run, summarised for logs and Dagster metadata."""
+"""Counters and latency samples of one run, summarised as a typed ``RunSummary`` for logs and reports."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -13,6 +14,52 @@ def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+@dataclass(frozen=True)
+class GpuThroughput:
+    images: int
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run's figures, while it runs (progress) and when it ends (then with the shards' final states)."""
+
+    urls_total: int
+    urls_done: int  # written by this run, like the three below
+    urls_failed_permanent: int
+    urls_retry_later: int
+    urls_returned_to_pending: int
+    elapsed_s: float
+    images_per_s: float
+    download_ms_p50: float | None
+    download_ms_p95: float | None
+    inference_ms_p50: float | None
+    inference_ms_p95: float | None
+    failures_by_class: dict[str, int]
+    per_gpu: dict[str, GpuThroughput]
+    gpu_request_retries: int
+    stage_seconds: dict[str, float]  # fetch, inference, write
+    # URL state -> count over the run's shards, read after the run (None while it runs)
+    final_state_counts: dict[str, int] | None = None
+    router: dict[str, Any] | None = None  # the request router's snapshot: endpoints, limits, breakers
+
+    def final_count(self, state: str) -> int:
+        return (self.final_state_counts or {}).get(state, 0)
+
+    @property
+    def urls_unfinished(self) -> int:
+        return sum(self.final_count(s) for s in ("pending", "leased", "failed_retryable"))
+
+    @property
+    def failure_ratio(self) -> float:
+        """URLs failed for good over URLs finished, across the shards' final states."""
+        finished = self.final_count("done") + self.final_count("failed_permanent")
+        return self.final_count("failed_permanent") / finished if finished else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -61,24 +108,25 @@ class RunStats:
             f"failures: {failures}"
         )
 
-    def summary(self) -> dict:
-        per_gpu = {
-            name: {"images": n, "images_per_s": round(n / self.elapsed_s, 2)} for name, n in self.images_by_gpu.items()
-        }
-        return {
-            "urls_total": self.total_urls,
-            "urls_done": self.outcomes["done"],
-            "urls_failed_permanent": self.outcomes["failed_permanent"],
-            "urls_retry_later": self.outcomes["failed_retryable"],
-            "urls_returned_to_pending": self.outcomes["pending"],
-            "elapsed_s": round(self.elapsed_s, 2),
-            "images_per_s": round(self.rate, 3),
-            "download_ms_p50": percentile(self.download_ms, 50),
-            "download_ms_p95": percentile(self.download_ms, 95),
-            "inference_ms_p50": percentile(self.inference_ms, 50),
-            "inference_ms_p95": percentile(self.inference_ms, 95),
-            "failures_by_class": dict(self.failures_by_class),
-            "per_gpu": per_gpu,
-            "gpu_request_retries": self.gpu_retries,
-            "stage_seconds": {k: round(v, 2) for k, v in self.stage_s.items()},
-        }
+    def summary(self, final_state_counts: dict[str, int] | None = None,
+                router: dict[str, Any] | None = None) -> RunSummary:  # fmt: skip
+        elapsed = self.elapsed_s
+        return RunSummary(
+            urls_total=self.total_urls,
+            urls_done=self.outcomes["done"],
+            urls_failed_permanent=self.outcomes["failed_permanent"],
+            urls_retry_later=self.outcomes["failed_retryable"],
+            urls_returned_to_pending=self.outcomes["pending"],
+            elapsed_s=round(elapsed, 2),
+            images_per_s=round(self.rate, 3),
+            download_ms_p50=percentile(self.download_ms, 50),
+            download_ms_p95=percentile(self.download_ms, 95),
+            inference_ms_p50=percentile(self.inference_ms, 50),
+            inference_ms_p95=percentile(self.inference_ms, 95),
+            failures_by_class=dict(self.failures_by_class),
+            per_gpu={name: GpuThroughput(n, round(n / elapsed, 2)) for name, n in self.images_by_gpu.items()},
+            gpu_request_retries=self.gpu_retries,
+            stage_seconds={k: round(v, 2) for k, v in self.stage_s.items()},
+            final_state_counts=dict(final_state_counts) if final_state_counts is not None else None,
+            router=router,
+        )

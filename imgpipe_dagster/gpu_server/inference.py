@@ -29,8 +29,8 @@ import torch
 from imgpipe_dagster.gpu_server.analysis_parse import parse_analysis
 from imgpipe_dagster.gpu_server.image_prep import (
     ImageDecodeError,
+    PatchGrid,
     decode_image,
-    image_token_count,
     normalise_and_patchify,
 )
 from imgpipe_dagster.gpu_server.prompts import DEFAULT_PROMPT, Prompt, load_prompt
@@ -141,6 +141,7 @@ class InferenceEngine:
 
         started = time.perf_counter()
         self.config = AutoConfig.from_pretrained(settings.model_path, local_files_only=True)
+        self.patch_grid = PatchGrid.from_vision_config(self.config.vision_config)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, local_files_only=True)
         self.attn_implementation = _attn_implementation(settings, self._torch_device)
         model_cls = _model_class(self.config.model_type)
@@ -302,7 +303,7 @@ class InferenceEngine:
 
     def _decode_or_error(self, data: bytes) -> np.ndarray | str:
         try:
-            return decode_image(data, self.settings.min_pixels, self.settings.max_pixels)
+            return decode_image(data, self.settings.min_pixels, self.settings.max_pixels, self.patch_grid.factor)
         except ImageDecodeError as exc:
             return str(exc)
         except Exception as exc:  # never let one image break the batch
@@ -325,9 +326,9 @@ class InferenceEngine:
         key = (prompt.version, height, width)
         layout = self._layouts.get(key)
         if layout is None:
-            n_image = image_token_count(height, width)
+            n_image = self.patch_grid.image_tokens(height, width)
             ids = torch.tensor(before_ids + [self._image_token_id] * n_image + after_ids, dtype=torch.long)
-            pos, nxt = _mrope_positions(len(before_ids), height, width, len(after_ids))
+            pos, nxt = _mrope_positions(len(before_ids), height, width, len(after_ids), self.patch_grid.factor)
             layout = (ids, torch.from_numpy(pos), nxt)
             with self._prompt_lock:
                 if len(self._layouts) > 4096:
@@ -370,9 +371,10 @@ class InferenceEngine:
     def _hf_generate(self, batch: PreparedBatch, max_new: int, min_new: int) -> torch.Tensor:
         dev = self._torch_device
         pixel_values = torch.cat(
-            [normalise_and_patchify(img.unsqueeze(0)) for img in batch.images], dim=0
+            [normalise_and_patchify(img.unsqueeze(0), self.patch_grid) for img in batch.images], dim=0
         ).to(dev, self._dtype)
-        grid_thw = torch.tensor([[1, h // 14, w // 14] for h, w in batch.grids], dtype=torch.long, device=dev)
+        grid_thw = torch.tensor([[1, *self.patch_grid.patches(h, w)] for h, w in batch.grids], dtype=torch.long,
+                                device=dev)  # fmt: skip
         kwargs: dict[str, Any] = dict(
             input_ids=batch.input_ids.to(dev),
             attention_mask=batch.attention_mask.to(dev),
@@ -412,10 +414,10 @@ class InferenceEngine:
         return results
 
 
-def _mrope_positions(n_before: int, height: int, width: int, n_after: int) -> tuple[np.ndarray, int]:
+def _mrope_positions(n_before: int, height: int, width: int, n_after: int, factor: int) -> tuple[np.ndarray, int]:
     """Qwen2-VL multimodal rope positions (3, n) for text + one image + text, and the next position.
     Text advances all three axes together; image tokens take (start, start+row, start+col)."""
-    gh, gw = height // 28, width // 28
+    gh, gw = height // factor, width // factor
     before = np.broadcast_to(np.arange(n_before), (3, n_before))
     start = n_before
     rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")

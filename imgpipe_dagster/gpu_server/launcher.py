@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from imgpipe_dagster.gpu_server.settings import (
     settings_hash,
 )
 from imgpipe_dagster.paths import gpu_server_records_dir
+from imgpipe_dagster.processes import stop_process_group
 
 SERVER_MODULE = "imgpipe_dagster.gpu_server"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -437,21 +437,7 @@ def _url(host: str, port: int) -> str:
 
 def _terminate(pid: int, timeout_s: float) -> None:
     """SIGTERM (graceful: uvicorn finishes in-flight requests), then SIGKILL after ``timeout_s``."""
-    try:
-        process = psutil.Process(pid)
-        process.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
-        if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        process.kill()
-        process.wait(timeout=10)
+    stop_process_group(pid, timeout_s)
 
 
 def _tail(path: str, lines: int = 40) -> str:

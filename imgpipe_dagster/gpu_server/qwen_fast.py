@@ -28,7 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imgpipe_dagster.gpu_server.image_prep import normalise_and_patchify, normalise_and_patchify_single_frame
+from imgpipe_dagster.gpu_server.image_prep import (
+    PatchGrid,
+    normalise_and_patchify,
+    normalise_and_patchify_single_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +249,7 @@ class FastQwenVL:
         self.image_token_id = config.image_token_id
 
         self.visual = inner.visual
+        self.patch_grid = PatchGrid.from_vision_config(config.vision_config)
         self.fast_vision = self.model_type in ("qwen2_vl", "qwen2_5_vl")
         # Qwen2.5-VL: RMSNorm + SwiGLU blocks, attention inside windows except at a few full blocks.
         self.windowed_vision = self.model_type == "qwen2_5_vl"
@@ -428,7 +433,7 @@ class FastQwenVL:
         n = batch.shape[0]
         layout = self._window_layout(gh, gw)
         units, unit = layout.order.numel(), self.merge**2
-        pixels = normalise_and_patchify_single_frame(batch, self.dtype)
+        pixels = normalise_and_patchify_single_frame(batch, self.patch_grid, self.dtype)
         # Reorder before the patch embedding: pixel rows are narrower than embeddings.
         pixels = pixels.view(n, units, unit, -1)[:, layout.order].reshape(n, units * unit, -1)
         x = F.linear(pixels, self.patch_w)
@@ -442,15 +447,15 @@ class FastQwenVL:
 
     def _vision_group(self, batch: torch.Tensor, height: int, width: int) -> torch.Tensor:
         n = batch.shape[0]
-        gh, gw = height // 14, width // 14
+        gh, gw = self.patch_grid.patches(height, width)
         if self.windowed_vision:
             return self._windowed_vision_group(batch, gh, gw)
         if not self.fast_vision:
-            pixels = normalise_and_patchify(batch, self.dtype)
+            pixels = normalise_and_patchify(batch, self.patch_grid, self.dtype)
             grid = torch.tensor([[1, gh, gw]] * n, device=self.device)
             res = self.visual(pixels, grid_thw=grid)
             return res.pooler_output if hasattr(res, "pooler_output") else res
-        pixels = normalise_and_patchify_single_frame(batch, self.dtype)
+        pixels = normalise_and_patchify_single_frame(batch, self.patch_grid, self.dtype)
         x = F.linear(pixels, self.patch_w).view(n, gh * gw, self.v_embed)
         cos, sin = self._vision_rope(gh, gw)
         for weights in self.v_blocks:

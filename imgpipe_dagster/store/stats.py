@@ -87,3 +87,35 @@ def throughput_series(conn: psycopg.Connection, hours: int = 24) -> list[tuple]:
         " WHERE created_at > now() - make_interval(hours => %s) GROUP BY 1 ORDER BY 1",
         (hours,),
     ).fetchall()
+
+
+def failures_by_class(conn: psycopg.Connection) -> dict[str, int]:
+    """URLs whose result is a failure, by error class (all time)."""
+    return {
+        str(error_class or "unknown"): int(n)
+        for error_class, n in conn.execute(
+            "SELECT error_class, count(*) FROM url_analysis_results WHERE status <> 'ok' GROUP BY 1"
+        ).fetchall()
+    }
+
+
+@dataclass(frozen=True)
+class ParseStats:
+    """How the successful analyses of some shards read: as JSON, as free text, or not at all."""
+
+    analyses: int  # successful results
+    parsed_json: int  # of those, the model's text parsed as the JSON the prompt asks for
+    empty: int  # of those, no text at all
+
+    @property
+    def parsed_share(self) -> float:
+        return self.parsed_json / self.analyses if self.analyses else 1.0
+
+
+def parse_stats(conn: psycopg.Connection, shard_ids: list[str]) -> ParseStats:
+    analyses, parsed_json, empty = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE parse_ok), count(*) FILTER (WHERE coalesce(model_text, '') = '')"
+        " FROM url_analysis_results WHERE shard_id = ANY(%s) AND status = 'ok'",
+        (shard_ids,),
+    ).fetchone()
+    return ParseStats(analyses=analyses, parsed_json=parsed_json, empty=empty)

@@ -13,7 +13,8 @@ import time
 import pytest
 from dagster import materialize
 
-from imgpipe_dagster.assets.analysis import CHECK_COMPLETE, image_analysis
+from imgpipe_dagster.assets.analysis import image_analysis
+from imgpipe_dagster.assets.checks import CHECK_COMPLETE
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource

@@ -106,6 +106,15 @@ def test_cli_ingest_registers_partitions_in_dagster_home(conn, dagster_instance,
     assert partitions(dagster_instance) == table_shards(conn)
 
 
+def test_cli_ingest_takes_the_url_column_by_the_readme_name(conn, dagster_instance, urls_file, monkeypatch, capsys):
+    from imgpipe_dagster import cli
+
+    monkeypatch.setattr("dagster.DagsterInstance.get", lambda: _Borrowed(dagster_instance))
+    path = urls_file("links.jsonl", [{"link": u} for u in URLS[:5]])
+    assert cli.main(["ingest", str(path), "--url-column", "link", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 5
+
+
 def _prepare_without_dagster_database(url: str) -> None:
     from imgpipe_dagster.store import database as db
     from imgpipe_dagster.store.migrations import migrate

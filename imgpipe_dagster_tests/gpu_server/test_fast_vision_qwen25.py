@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig
 
-from imgpipe_dagster.gpu_server.image_prep import normalise_and_patchify
+from imgpipe_dagster.gpu_server.image_prep import PatchGrid, normalise_and_patchify
 from imgpipe_dagster.gpu_server.inference import _model_class
 from imgpipe_dagster.gpu_server.qwen_fast import FastQwenVL
 from imgpipe_dagster.gpu_server.tiny_model import (
@@ -48,8 +48,9 @@ def random_images(sizes, seed=0):
 @torch.no_grad()
 def transformers_features(visual, images):
     """One call of the stock tower over all images (its varlen path), as the HF backend runs it."""
-    pixels = torch.cat([normalise_and_patchify(img.unsqueeze(0)) for img in images])
-    grid = torch.tensor([[1, img.shape[0] // 14, img.shape[1] // 14] for img in images])
+    patch_grid = PatchGrid.from_vision_config(visual.config)
+    pixels = torch.cat([normalise_and_patchify(img.unsqueeze(0), patch_grid) for img in images])
+    grid = torch.tensor([[1, *patch_grid.patches(*img.shape[:2])] for img in images])
     return visual(pixels, grid_thw=grid).pooler_output
 
 

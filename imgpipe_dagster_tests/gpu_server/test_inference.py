@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
 from imgpipe_dagster.gpu_server.image_prep import (
     ImageDecodeError,
+    PatchGrid,
     decode_image,
     normalise_and_patchify,
     smart_resize,
@@ -24,6 +27,7 @@ except ImportError:  # no torchvision: the PIL flavour does the same arithmetic
     )
 
 NEW_TOKENS = 10
+QWEN2_VL_GRID = PatchGrid(patch_size=14, merge_size=2, temporal_patch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +49,39 @@ def test_torch_patchify_equals_the_transformers_processor(size):
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=448 * 448)
     expected = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
-    ours = normalise_and_patchify(torch.from_numpy(pixels).unsqueeze(0))
-    assert expected["image_grid_thw"].tolist() == [[1, height // 14, width // 14]]
+    grid = PatchGrid(processor.patch_size, processor.merge_size, processor.temporal_patch_size)
+    ours = normalise_and_patchify(torch.from_numpy(pixels).unsqueeze(0), grid)
+    assert expected["image_grid_thw"].tolist() == [[1, *grid.patches(height, width)]]
     assert ours.shape == expected["pixel_values"].shape
     torch.testing.assert_close(ours, expected["pixel_values"].float(), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_sizes_images_to_the_patch_grid_within_the_pixel_cap():
-    assert decode_image(make_image_bytes(0, 112, 84), 3136, 448 * 448).shape == (84, 112, 3)
-    assert decode_image(make_image_bytes(0, 100, 50), 3136, 448 * 448).shape[:2] == smart_resize(50, 100, 3136, 448 * 448)
-    big = decode_image(make_image_bytes(0, 1000, 800, fmt="JPEG"), 3136, 448 * 448)
+    factor = QWEN2_VL_GRID.factor
+    assert decode_image(make_image_bytes(0, 112, 84), 3136, 448 * 448, factor).shape == (84, 112, 3)
+    assert decode_image(make_image_bytes(0, 100, 50), 3136, 448 * 448, factor).shape[:2] == smart_resize(
+        50, 100, 3136, 448 * 448, factor)  # fmt: skip
+    big = decode_image(make_image_bytes(0, 1000, 800, fmt="JPEG"), 3136, 448 * 448, factor)
     assert big.shape[0] % 28 == 0 and big.shape[1] % 28 == 0
     assert big.shape[0] * big.shape[1] <= 448 * 448
     with pytest.raises(ImageDecodeError):
-        decode_image(b"not an image", 3136, 448 * 448)
+        decode_image(b"not an image", 3136, 448 * 448, factor)
     with pytest.raises(ImageDecodeError):
-        decode_image(b"", 3136, 448 * 448)
+        decode_image(b"", 3136, 448 * 448, factor)
+
+
+def test_the_patch_grid_comes_from_the_model_config(hf_engine, tiny_model_dir):
+    vision = AutoConfig.from_pretrained(tiny_model_dir, local_files_only=True).vision_config
+    assert hf_engine.patch_grid == PatchGrid(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+    # another geometry (16-px patches) sizes images to its own multiples: nothing assumes 14 or 28
+    grid = PatchGrid.from_vision_config(Qwen2VLVisionConfig(patch_size=16, spatial_merge_size=2))
+    assert grid.factor == 32 and grid.image_tokens(64, 96) == 6
+    assert decode_image(make_image_bytes(0, 100, 70), 32 * 32, 448 * 448, grid.factor).shape[:2] == (64, 96)
 
 
 def test_rope_positions_equal_transformers_get_rope_index(hf_engine):
     batch = hf_engine.prepare([make_image_bytes(1, 140, 84), make_image_bytes(2, 140, 84)])
-    grid = torch.tensor([[1, h // 14, w // 14] for h, w in batch.grids])
+    grid = torch.tensor([[1, *hf_engine.patch_grid.patches(h, w)] for h, w in batch.grids])
     inner = hf_engine.model.model
     kwargs = dict(image_grid_thw=grid, attention_mask=batch.attention_mask)
     if hf_engine._wants_token_types:

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
         progress=lambda line, summary: print(f"[{owner}] {line}", file=sys.stderr, flush=True),
     )  # fmt: skip
     summary = runner.run()
-    print(json.dumps(summary, default=str), flush=True)
+    print(json.dumps(summary.as_dict(), default=str), flush=True)
     return 0
 
 

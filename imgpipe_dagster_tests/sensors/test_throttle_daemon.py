@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,12 +124,7 @@ def test_the_throttle_alone_drives_two_shards_to_completion(
             "SELECT action FROM throttle_decisions ORDER BY decision_id").fetchall()]  # fmt: skip
         assert decisions[0] == "submit"
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_process_group(daemon, grace_s=30)
         GpuServerLauncher(imgpipe_home / "gpu-servers").stop()
         if daemon.stdout is not None:
             tail = daemon.stdout.read().decode(errors="replace")[-3000:]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.conftest import REPO_ROOT, _create_from_template
 from imgpipe_dagster_tests.support import free_port, seed_corpus
@@ -89,17 +89,7 @@ def _wait_for_location(base_url: str, process: subprocess.Popen, log_path: Path)
 
 def _stop(process: subprocess.Popen) -> None:
     """`imgpipe dev` and everything under it (webserver, daemon, code server, run workers)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group, if any
-    except ProcessLookupError:
-        pass
+    stop_process_group(process, grace_s=60)
 
 
 @pytest.fixture(scope="module")

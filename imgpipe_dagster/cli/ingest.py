@@ -1,6 +1,6 @@
 """`imgpipe ingest FILE...`: load URL files into the corpus and register their shards with Dagster.
 
-Registered by imgpipe_dagster.cli.build_parser through ``add_parser``. The partitions go
+The partitions go
 into the Dagster instance at $DAGSTER_HOME, or the project's own ($IMGPIPE_HOME/dagster_home) when
 DAGSTER_HOME is unset, so the UI's url_shards always match the shards table.
 """
@@ -15,22 +15,22 @@ import time
 
 from imgpipe_dagster.corpus.errors import CorpusInputError
 from imgpipe_dagster.corpus.ingest import IngestReport, ingest_files
+from imgpipe_dagster.corpus.shards import sync_shard_partitions
+from imgpipe_dagster.local_instance import dagster_home, prepare_environment
 from imgpipe_dagster.store import database as db
 
 PROGRESS_EVERY_S = 10.0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from imgpipe_dagster.cli import COMMANDS
-
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="load URL files (.txt/.csv/.tsv/.jsonl/.parquet, .gz/.zst) into the corpus")
     p.add_argument("files", nargs="+", metavar="FILE", help="files or glob patterns (quote globs)")
-    p.add_argument("--column", default="url", help="URL column of csv/tsv/jsonl/parquet files (default: url)")
+    p.add_argument("--column", "--url-column", dest="column", default="url", help="URL column of csv/tsv/jsonl/parquet files (default: url)")
     p.add_argument("--shard-size", type=int, default=10_000, help="URLs per shard (default: 10000)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--no-partitions", action="store_true",
                    help="do not register the shards as Dagster partitions (the corpus sensor or asset will)")
-    COMMANDS["ingest"] = cmd_ingest
+    p.set_defaults(handler=cmd_ingest)
 
 
 def _summary(report: IngestReport) -> str:
@@ -64,12 +64,12 @@ def _printer():
 
 
 def _register_partitions(conn) -> int:
-    from imgpipe_dagster.assets.corpus import sync_partitions_in_dagster_home
-    from imgpipe_dagster.cli import dagster_home
+    from dagster import DagsterInstance
 
     if not os.environ.get("DAGSTER_HOME"):
         dagster_home()
-    return len(sync_partitions_in_dagster_home(conn))
+    with DagsterInstance.get() as instance:
+        return len(sync_shard_partitions(instance, conn))
 
 
 def _register_partitions_safely(conn) -> int | None:
@@ -83,8 +83,6 @@ def _register_partitions_safely(conn) -> int | None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from imgpipe_dagster.cli import prepare_environment
-
     url = prepare_environment()
     with db.connect(url) as conn:
         try:

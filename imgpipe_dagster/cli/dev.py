@@ -1,0 +1,28 @@
+"""`imgpipe dev`: the Dagster UI and daemon on 127.0.0.1 with the project's database."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from imgpipe_dagster.cli.ports import ensure_port_free
+from imgpipe_dagster.local_instance import dagster_home, prepare_environment
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dev", help="run the Dagster UI and daemon on the project's database")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(handler=cmd_dev)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    ensure_port_free(args.host, args.port)
+    prepare_environment()
+    dagster_home()
+    cmd = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port),
+           "-m", "imgpipe_dagster.definitions"]
+    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
+    return subprocess.call(cmd)
