@@ -1,7 +1,8 @@
 """The ``IMGPIPE_*`` environment, read in one place into one typed object.
 
 ``read_environment()`` parses the variables the README documents (and a few for operators) with a
-clear error for a malformed value. ``definitions.py`` reads it once to build the resources of the
+clear error for a malformed value; ``IMGPIPE_THROTTLE_<FIELD>`` knobs stay with
+``throttle.decide.ThrottleSettings.from_env``, which maps each onto its field. ``definitions.py`` reads it once to build the resources of the
 chosen deployment; nothing else should call ``os.environ`` for an ``IMGPIPE_*`` variable.
 """
 
@@ -26,6 +27,9 @@ TIMEZONE_ENV = "IMGPIPE_TIMEZONE"
 NIGHTLY_SHARDS_ENV = "IMGPIPE_NIGHTLY_SHARDS"
 NIGHTLY_AUTOSTART_ENV = "IMGPIPE_NIGHTLY_AUTOSTART"
 THROTTLE_AUTOSTART_ENV = "IMGPIPE_THROTTLE_AUTOSTART"
+DATABASE_URL_ENV = "IMGPIPE_DATABASE_URL"
+DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
+PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -65,6 +69,11 @@ class Environment:
     # IMGPIPE_NIGHTLY_AUTOSTART / IMGPIPE_THROTTLE_AUTOSTART: start the schedule / sensor running
     nightly_autostart: bool
     throttle_autostart: bool
+    # IMGPIPE_DATABASE_URL / IMGPIPE_DAGSTER_DATABASE_URL: the project's and Dagster's database; None: embedded
+    database_url: str | None
+    dagster_database_url: str | None
+    # IMGPIPE_PG_SHARED_BUFFERS_MB as written (store/embedded.py checks it when the server starts)
+    pg_shared_buffers_mb: str | None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -113,4 +122,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         nightly_shards=_int(environ, NIGHTLY_SHARDS_ENV, 0),
         nightly_autostart=_flag(environ, NIGHTLY_AUTOSTART_ENV),
         throttle_autostart=_flag(environ, THROTTLE_AUTOSTART_ENV),
+        database_url=_text(environ, DATABASE_URL_ENV),
+        dagster_database_url=_text(environ, DAGSTER_DATABASE_URL_ENV),
+        pg_shared_buffers_mb=_text(environ, PG_SHARED_BUFFERS_ENV),
     )

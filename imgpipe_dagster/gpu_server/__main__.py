@@ -9,23 +9,36 @@ got (written before the model loads), so callers never need to guess a free port
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError
 
+# A fixed port may still be held for a moment by the server this one replaces: the leader of a killed
+# multi-threaded process is reported gone while its other threads still hold its sockets.
+BIND_RETRY_S = 15.0
 
-def bind_socket(host: str, port: int) -> socket.socket:
+
+def bind_socket(host: str, port: int, retry_s: float = BIND_RETRY_S) -> socket.socket:
     """A listening-ready socket on host:port (port 0: any free one), IPv4 or IPv6 as the host says."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
+    deadline = time.monotonic() + retry_s
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError as error:
+            sock.close()
+            if error.errno != errno.EADDRINUSE or port == 0 or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def write_port_file(path: Path, port: int) -> None:

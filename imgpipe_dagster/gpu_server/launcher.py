@@ -410,6 +410,7 @@ class GpuServerLauncher:
     def _forget(self, slot: str) -> None:
         self._record_path(slot).unlink(missing_ok=True)
         (self.state_dir / f"gpu-server-{slot}.settings.json").unlink(missing_ok=True)
+        (self.state_dir / f"gpu-server-{slot}.port").unlink(missing_ok=True)
 
     def _recorded_slots(self) -> list[str]:
         slots = []
