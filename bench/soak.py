@@ -193,7 +193,7 @@ def driver_main(args: argparse.Namespace) -> int:
     from imgpipe_dagster.store.embedded import EmbeddedPostgres
     from imgpipe_dagster.store.migrations import migrate
     from imgpipe_dagster.testing.image_server import ImageServer
-    from imgpipe_dagster_tests.support import free_port_pair
+    from imgpipe_dagster_tests.support import gpu_base_port
 
     state = Path(tempfile.mkdtemp(prefix="soak-", dir=REPO / ".imgpipe" if (REPO / ".imgpipe").is_dir() else None))
     server_pg = None
@@ -218,7 +218,7 @@ def driver_main(args: argparse.Namespace) -> int:
                                engine_options={"max_pixels": 112 * 112}),
                 startup_timeout_s=600, extra_env={"OMP_NUM_THREADS": "1"},
             )  # fmt: skip
-            base_port = free_port_pair()
+            base_port = gpu_base_port()
             endpoints = launcher.ensure(["cpu", "cpu"], base_port=base_port)
             shard_no = 0
             for _ in range(3):

@@ -142,7 +142,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     ensure_port_free(args.host, args.port)
     url = db.resolve_database_url()
     server, _thread = serve(url, args.host, args.port, args.min_interval)
-    print(f"imgpipe metrics: http://{args.host}:{args.port}/metrics ({db.redact(url)})", flush=True)
+    print(f"imgpipe metrics: http://{args.host}:{server.server_port}/metrics ({db.redact(url)})", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -18,7 +18,7 @@ from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store.verify import verify
-from imgpipe_dagster_tests.support import free_port_pair, seed_corpus
+from imgpipe_dagster_tests.support import gpu_base_port, seed_corpus
 
 SMALL_RUN = {
     "images_per_request": 4, "chunk_size": 5, "max_concurrent_batches": 4, "lease_seconds": 5,
@@ -30,7 +30,7 @@ SMALL_RUN = {
 def gpu_servers(tiny_model_dir, imgpipe_home):
     """Managed-mode resource on two CPU 'GPUs'; the servers are stopped after the test."""
     resource = GpuModelResource(
-        devices=["cpu", "cpu"], base_port=free_port_pair(), model_path=str(tiny_model_dir), idle_timeout_s=300,
+        devices=["cpu", "cpu"], base_port=gpu_base_port(), model_path=str(tiny_model_dir), idle_timeout_s=300,
         startup_timeout_s=300,
     )
     yield resource
