@@ -77,10 +77,35 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def start_webserver(module: str, env: dict[str, str], attempts: int = 3) -> tuple[subprocess.Popen, httpx.Client]:
+    """dagster-webserver on a port the system just had free; dagster-webserver cannot bind port 0
+    (it treats 0 as "the default"), so a port taken in between is met by starting again on another."""
+    for _attempt in range(attempts):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        webserver = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
+             "-m", module, "--working-directory", str(REPO_ROOT)],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        deadline = time.monotonic() + 180
+        while webserver.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.get("/server_info").status_code == 200:
+                    return webserver, client
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        if webserver.poll() is None:
+            webserver.kill()
+        webserver.wait()
+        client.close()
+        error = webserver.stderr.read().decode()[-2000:]
+        if "address already in use" not in error.lower():
+            raise RuntimeError(f"webserver did not come up on port {port}: {error}")
+    raise RuntimeError(f"webserver: the port was taken before it bound, {attempts} times in a row")
 
 
 def gql(client: httpx.Client, query: str, variables: dict) -> tuple[dict, float]:
@@ -138,23 +163,7 @@ def main() -> None:
         from imgpipe_dagster.profiles import profile_run_config
 
         instance = DagsterInstance.get()
-        port = free_port()
-        webserver = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-             "-m", args.module, "--working-directory", str(REPO_ROOT)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if client.get("/server_info").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or webserver.poll() is not None:
-                raise RuntimeError("webserver did not come up: " + webserver.stderr.read().decode()[-2000:])
-            time.sleep(1)
+        webserver, client = start_webserver(args.module, env)
         # the code location loads in the background; the first query waits for it
         gql(client, PARTITIONS_PAGE, {"key": {"path": ["image_analysis"]}})
 

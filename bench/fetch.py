@@ -21,10 +21,10 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,12 +33,6 @@ import urllib.request
 from pathlib import Path
 
 TARGET_SIDE = 448
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(url: str, timeout_s: float = 60.0) -> None:
@@ -200,14 +194,18 @@ def main() -> None:
     from imgpipe_dagster.testing.image_server import good_photo_urls
 
     work = Path(tempfile.mkdtemp(prefix="imgpipe-bench-fetch-"))
-    port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", "0"],
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
+        # its first line says where it listens: port 0, so the system picked a free one
+        listening = re.search(r"listening on (http://127\.0\.0\.1:\d+)", server.stdout.readline())
+        if not listening:
+            raise RuntimeError("the image server did not start")
+        base = listening.group(1)
         _wait_for(base + "/health")
         # the URL scheme is deterministic: build the list here, then let the server render each
         # distinct photo once before timing starts

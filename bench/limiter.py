@@ -112,25 +112,34 @@ def make_app(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> None:
+    """The simulated server on ``--port`` (0: the system picks); its first line says where it listens."""
     import uvicorn
 
-    uvicorn.run(make_app(args), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", args.port))
+    print(f"listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(make_app(args), log_level="warning", access_log=False))
+    server.run(sockets=[sock])
 
 
 @asynccontextmanager
 async def server_process(args: argparse.Namespace) -> AsyncIterator[str]:
-    port = free_port()
-    command = [sys.executable, __file__, "--serve", "--port", str(port)] + [
+    command = [sys.executable, __file__, "--serve", "--port", "0"] + [
         f"--{key.replace('_', '-')}={getattr(args, key)}"
         for key in ("knee", "queue_bound", "base_latency_s", "time_scale", "seed")
     ]
-    process = subprocess.Popen(command, cwd=REPO_ROOT)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), timeout=60)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise RuntimeError("simulated server did not say where it listens within 60 s") from None
+    if not line.startswith("listening on http://127.0.0.1:"):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"simulated server did not start: {line!r}")
+    port = int(line.rsplit(":", 1)[1])
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient() as client:

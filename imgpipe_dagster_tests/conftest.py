@@ -136,8 +136,16 @@ def image_server():
 SESSION_MARK = "IMGPIPE_TEST_SESSION"
 
 
+def _session_home() -> Path:
+    return TEST_STATE_DIR / f"home-{os.getpid()}"
+
+
 def pytest_sessionstart(session):
     os.environ[SESSION_MARK] = str(os.getpid())
+    # Each session its own IMGPIPE_HOME (router snapshots, GPU server records, built models), so two
+    # sessions at once never read each other's state, and none lands in the checkout's .imgpipe.
+    _session_home().mkdir(parents=True, exist_ok=True)
+    os.environ["IMGPIPE_HOME"] = str(_session_home())
     # A shell starts background jobs with SIGINT ignored. Dagster's in-process execution copies
     # SIGINT's handler onto SIGTERM, so every process the tests start afterwards would inherit an
     # ignored SIGTERM and outlive its stop. Give the session the interactive default.
@@ -174,3 +182,4 @@ def pytest_sessionfinish(session, exitstatus):
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
+    shutil.rmtree(_session_home(), ignore_errors=True)

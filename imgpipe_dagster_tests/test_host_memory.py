@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from imgpipe_dagster import host_memory
 from imgpipe_dagster.host_memory import release_free_memory
 
 # In a fresh interpreter: 256 MB in 64 kB buffers (malloc'd from the heap, below the mmap threshold),
@@ -38,5 +39,14 @@ def test_freed_buffers_leave_rss_only_after_a_trim():
     assert figures["after"] - figures["before"] < 50  # the trim returned them
 
 
-def test_calling_it_again_is_harmless():
-    assert release_free_memory() == release_free_memory()
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_calling_it_again_trims_again():
+    assert release_free_memory() is True
+    assert release_free_memory() is True  # nothing is used up by the first call
+
+
+def test_without_malloc_trim_it_says_it_could_not(monkeypatch):
+    """A C library without malloc_trim (musl, macOS): nothing to call, and the caller is told so."""
+    monkeypatch.setattr(host_memory, "_malloc_trim", lambda: None)
+
+    assert release_free_memory() is False

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import threading
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgpipe_dagster.metrics import render, serve
-from imgpipe_dagster_tests.support import free_port, seed_corpus
-from imgpipe_dagster_tests.test_status import SHARDS, finish
+from imgpipe_dagster.store import database as db
+from imgpipe_dagster_tests.support import seed_corpus
+from imgpipe_dagster_tests.test_status import IMGPIPE, SHARDS, finish
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -32,10 +37,9 @@ def seed(conn) -> None:
 
 def test_exporter_serves_rate_backlog_and_errors(conn, database_url):
     seed(conn)
-    port = free_port()
-    server, thread = serve(database_url, "127.0.0.1", port, min_interval_s=0)
+    server, thread = serve(database_url, "127.0.0.1", 0, min_interval_s=0)  # port 0: the system picks
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        response = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=30)
     finally:
         server.shutdown()
         thread.join(timeout=10)
@@ -60,3 +64,31 @@ def test_empty_corpus_has_no_eta(conn):
     assert math.isnan(found[("imgpipe_eta_seconds", ())])
     assert found[("imgpipe_urls_processed_total", ())] == 0
     assert not any(name == "imgpipe_url_failures_total" for name, _ in found)
+
+
+def test_the_command_on_port_0_says_the_port_it_bound(conn, database_url):
+    seed(conn)
+    env = os.environ | {db.DATABASE_URL_ENV: database_url}
+    with subprocess.Popen([*IMGPIPE, "metrics", "--port", "0", "--min-interval", "0"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as exporter:  # fmt: skip
+        try:
+            first_line = _first_line(exporter, timeout_s=120)
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", first_line)
+            assert match and match.group(1) != "0", first_line
+            response = httpx.get(match.group(0), timeout=30)
+        finally:
+            exporter.terminate()
+            exporter.wait(timeout=30)
+
+    assert response.status_code == 200
+    assert samples(response.text)[("imgpipe_urls_processed_total", ())] == 7
+
+
+def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
+    """The process' first line of output; killed (and an empty line) if it says nothing in time."""
+    deadline = threading.Timer(timeout_s, process.kill)
+    deadline.start()
+    try:
+        return process.stdout.readline()
+    finally:
+        deadline.cancel()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from psycopg.types.json import Jsonb
@@ -16,7 +17,7 @@ from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.status import collect
 from imgpipe_dagster.store import database as db
-from imgpipe_dagster_tests.support import free_port, seed_corpus
+from imgpipe_dagster_tests.support import refused_port, seed_corpus
 
 SHARDS = {
     "s000001": [f"http://127.0.0.1:9/img/{i}.jpg" for i in range(6)],
@@ -139,9 +140,9 @@ def test_status_json_carries_the_same_figures(seeded, database_url, gpu_server):
 
 
 def test_no_throttle_decision_and_an_unreachable_server(conn, database_url, imgpipe_home):
-    down = f"http://127.0.0.1:{free_port()}"
-
-    status = collect(conn, [down])
+    with refused_port() as port:
+        down = f"http://127.0.0.1:{port}"
+        status = collect(conn, [down])
     screen = render(status)
 
     assert "no throttle decision yet" in screen and "profile MEDIUM (default" in screen
@@ -153,11 +154,12 @@ def test_no_throttle_decision_and_an_unreachable_server(conn, database_url, imgp
 
 
 def test_breaker_state_comes_from_the_runs_router_snapshots(conn, imgpipe_home):
-    url = f"http://127.0.0.1:{free_port()}"
-    write_router_snapshot("run-a", {"endpoints": [{"name": "gpu0", "url": url, "breaker": {"state": "closed"}}]})
-    write_router_snapshot("run-b", {"endpoints": [{"name": "gpu0", "url": url, "breaker": {"state": "open"}}]})
+    with refused_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        write_router_snapshot("run-a", {"endpoints": [{"name": "gpu0", "url": url, "breaker": {"state": "closed"}}]})
+        write_router_snapshot("run-b", {"endpoints": [{"name": "gpu0", "url": url, "breaker": {"state": "open"}}]})
 
-    (server,) = collect(conn, [url]).gpu_servers
+        (server,) = collect(conn, [url]).gpu_servers
 
     assert server.breaker == "open"  # the worst state any run sees
 
@@ -168,11 +170,17 @@ def test_watch_redraws_until_interrupted(seeded, database_url):
         [*IMGPIPE, "status", "--watch", "--interval", "0.2"],
         env=env, stdout=subprocess.PIPE, text=True,
     ) as watcher:  # fmt: skip
+        # the deadline: a watcher that stops drawing is killed, its output ends and the count falls short
+        deadline = threading.Timer(120, watcher.kill)
+        deadline.start()
         frames = 0
-        for line in watcher.stdout:
-            frames += line.startswith("\x1b[H\x1b[2Jimgpipe status")
-            if frames == 2:
-                break
+        try:
+            for line in watcher.stdout:
+                frames += line.startswith("\x1b[H\x1b[2Jimgpipe status")
+                if frames == 2:
+                    break
+        finally:
+            deadline.cancel()
         watcher.terminate()
         watcher.wait(timeout=30)
-    assert frames == 2
+    assert frames == 2, "imgpipe status --watch drew fewer than two frames in 120 s"

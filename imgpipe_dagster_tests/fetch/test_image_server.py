@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import pytest
 from PIL import Image
 
 from imgpipe_dagster.testing.image_server import ImageServer, good_photo_urls, photo_names
-from imgpipe_dagster_tests.support import free_port
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -73,16 +73,17 @@ def test_unknown_paths_and_photos_are_404(image_server: ImageServer) -> None:
 
 
 def test_runs_as_a_command_and_stops_cleanly() -> None:
-    port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(port)],
+        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert "listening on" in process.stdout.readline()
-        status, _headers, body = get(f"http://127.0.0.1:{port}/img/rocket.jpg")
+        line = process.stdout.readline()
+        listening = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        assert listening, line  # it says the port the system gave it
+        status, _headers, body = get(f"{listening.group(1)}/img/rocket.jpg")
         assert status == 200 and Image.open(io.BytesIO(body)).size == (640, 427)
     finally:
         process.terminate()

@@ -16,9 +16,9 @@ from dagster import DagsterInvalidConfigError, Definitions, define_asset_job, ma
 
 from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.partitions import URL_SHARDS, url_shards
-from imgpipe_dagster.profiles import PROFILE_NAMES, ProfileError, profile_run_config, resolve
+from imgpipe_dagster.profiles import PROFILE_NAMES, ProfileError, resolve
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
-from imgpipe_dagster_tests.support import free_port, seed_corpus
+from imgpipe_dagster_tests.support import refused_port, seed_corpus
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
@@ -84,6 +84,13 @@ def test_profile_errors_name_the_field(call, names):
     assert all(name in str(raised.value) for name in names), str(raised.value)
 
 
+@pytest.fixture
+def shut_port():
+    """The GPU base port of a run that must never start a server: held, so nothing else answers there."""
+    with refused_port() as port:
+        yield port
+
+
 def _snapshot(conn) -> list[tuple]:
     return conn.execute(
         "SELECT url, state::text, attempts, lease_owner FROM corpus_urls ORDER BY url"
@@ -100,14 +107,14 @@ def _snapshot(conn) -> list[tuple]:
     ],
     ids=["string rate", "unknown profile", "unknown field", "min above max"],
 )
-def test_a_bad_config_writes_nothing(dagster_instance, database_url, conn, imgpipe_home, config, field, at):
+def test_a_bad_config_writes_nothing(dagster_instance, database_url, conn, imgpipe_home, shut_port, config, field, at):
     seed_corpus(conn, {"s000001": [f"http://10.0.0.1/{n}.jpg" for n in range(5)]})
     dagster_instance.add_dynamic_partitions(URL_SHARDS, ["s000001"])
     before = _snapshot(conn)
     gpu_state = imgpipe_home / "gpu-servers"
     resources = {
         "postgres": PostgresResource(database_url=database_url),
-        "gpu_model": GpuModelResource(devices=["cpu"], base_port=free_port()),  # must never be started
+        "gpu_model": GpuModelResource(devices=["cpu"], base_port=shut_port),  # must never be started
         "fetcher": FetcherResource(),
     }
 
@@ -130,22 +137,25 @@ def test_a_bad_config_writes_nothing(dagster_instance, database_url, conn, imgpi
     assert not any(gpu_state.glob("gpu-server-*.json")), "a GPU server was started for a bad config"
 
 
+def _profile_file(profile: str) -> dict:
+    return yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text())
+
+
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 def test_each_profile_file_is_a_valid_run_config(analysis_job, profile):
-    config = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text())
-    assert config == profile_run_config(profile)
+    config = _profile_file(profile)
+    assert config["ops"]["image_analysis"]["config"]["profile"] == profile  # the file is the profile it is named for
     assert validate_run_config(analysis_job, config)
-    resolve(profile)  # and its values pass the profile's own checks
+    worker, gpu_server = resolve(profile)  # raises a ProfileError naming the field if a value is out of range
+    values = config["ops"]["image_analysis"]["config"]
+    assert {name: getattr(worker, name) for name in values["worker"]} == values["worker"]
+    assert {name: getattr(gpu_server, name) for name in values["gpu_server"]} == values["gpu_server"]
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 def test_each_profile_file_fits_its_analyze_job(profile):
-    """Against the code location's own analyze_<profile> job (imgpipe_dagster.definitions)."""
-    try:
-        from imgpipe_dagster.definitions import defs
+    """Against the code location's own analyze_<profile> job: a code location that does not load fails here."""
+    from imgpipe_dagster.definitions import defs
 
-        job = defs.resolve_job_def(f"analyze_{profile}")
-    except Exception as exc:  # the code location is assembled by other parts; say why, do not hide it
-        pytest.skip(f"imgpipe_dagster.definitions does not load yet: {exc.__class__.__name__}: {exc}"[:300])
-    config = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text())
-    assert validate_run_config(job, config)
+    job = defs.resolve_job_def(f"analyze_{profile}")
+    assert validate_run_config(job, _profile_file(profile))

@@ -36,7 +36,7 @@ from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster.testing.image_server import ImageServer
 from imgpipe_dagster_tests.reliability.chaos_worker import WORKER_OVERRIDES, chaos_engine_settings
-from imgpipe_dagster_tests.support import free_port_pair, seed_corpus
+from imgpipe_dagster_tests.support import gpu_base_port, seed_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def test_chaos_run_loses_nothing(dagster_instance, database_url, conn, image_ser
         # run ten times slower than with one
         extra_env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    base_port = free_port_pair()
+    base_port = gpu_base_port()
     chaos = Chaos(database_url, shard_ids, launcher, [base_port, base_port + 1])
     outputs: list[list[str]] = []
     try:

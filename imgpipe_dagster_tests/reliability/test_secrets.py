@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -19,7 +20,7 @@ from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster.store.errors import ConfigurationError
-from imgpipe_dagster_tests.support import free_port, seed_corpus
+from imgpipe_dagster_tests.support import refused_port, seed_corpus
 
 PASSWORD = "Sup3r-s3cret-pw"
 
@@ -33,8 +34,9 @@ def with_password(url: str, password: str = PASSWORD) -> str:
 
 
 @pytest.fixture
-def closed_port_url() -> str:
-    return f"postgresql://imgpipe:{PASSWORD}@127.0.0.1:{free_port()}/imgpipe"
+def closed_port_url() -> Iterator[str]:
+    with refused_port() as port:
+        yield f"postgresql://imgpipe:{PASSWORD}@127.0.0.1:{port}/imgpipe"
 
 
 def _everything_said(exc: BaseException) -> str:
@@ -85,12 +87,17 @@ def _dagster_records(instance, run_id: str) -> str:
 
 
 def _materialize(instance, postgres: PostgresResource, shard: str):
+    with refused_port() as gpu_port:
+        return _materialize_with(instance, postgres, shard, f"http://127.0.0.1:{gpu_port}")
+
+
+def _materialize_with(instance, postgres: PostgresResource, shard: str, gpu_endpoint: str):
     return materialize(
         [image_analysis], instance=instance, partition_key=shard, raise_on_error=False,
         resources={
             "postgres": postgres,
             # nothing reaches the GPU stage: every URL of the shard is already final or unreachable
-            "gpu_model": GpuModelResource(mode="external", endpoints=[f"http://127.0.0.1:{free_port()}"]),
+            "gpu_model": GpuModelResource(mode="external", endpoints=[gpu_endpoint]),
             "fetcher": FetcherResource(),
         },
         run_config={"ops": {"image_analysis": {"config": {"profile": "medium", "worker": {"lease_seconds": 5}}}}},

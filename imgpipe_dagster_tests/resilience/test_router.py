@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import pytest
@@ -62,7 +63,8 @@ def test_an_open_breaker_takes_its_server_out():
 
 def test_when_every_server_is_out_work_waits_visibly_and_resumes(caplog):
     async def scenario():
-        router = Router(URLS, LIMITS, FRAGILE)
+        # probes after 1 s: long enough that a busy machine cannot let the waiter through before it is seen
+        router = Router(URLS, LIMITS, dataclasses.replace(FRAGILE, circuit_timeout_seconds=1.0))
         trip(router, 0)
         trip(router, 1)
         got: list[str] = []
@@ -74,7 +76,9 @@ def test_when_every_server_is_out_work_waits_visibly_and_resumes(caplog):
 
         with caplog.at_level(logging.INFO, logger="imgpipe.resilience"):
             task = asyncio.create_task(work())
-            await asyncio.sleep(0.05)
+            deadline = asyncio.get_running_loop().time() + 0.5
+            while router.waiting == 0 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
             assert router.waiting == 1 and router.all_out
             snap = router.snapshot()
             assert snap["all_out"] is True and snap["waiting"] == 1
@@ -98,7 +102,12 @@ def test_waiting_while_every_server_is_out_has_no_deadline():
         trip(router, 0)
         trip(router, 1)
         async with router.route() as lease:  # waits 0.3 s, 30x the queue timeout, and still gets through
+            assert [t.breaker.state for t in router.endpoints if t.name == lease.name] == [BreakerState.HALF_OPEN]
             lease.success(0.01)
+        # it waited for a breaker to reopen (one all-out episode), and never counted as a queue timeout
+        assert router.counters["all_out_episodes"] == 1
+        assert router.counters["queue_timeouts"] == 0 and router.counters["routed"] == 1
+        assert router.waiting == 0 and router.in_flight == 0
 
     asyncio.run(scenario())
 

@@ -11,11 +11,7 @@ import uvicorn
 from imgpipe_dagster.resilience import BreakerState, Router
 from imgpipe_dagster_tests.resilience.medium import medium_breaker, medium_limiter
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+STARTUP_TIMEOUT_S = 30
 
 
 def answering(status: int):
@@ -29,10 +25,16 @@ def answering(status: int):
 
 
 async def start(app) -> tuple[uvicorn.Server, asyncio.Task, str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
+    """Serve ``app`` on a socket bound to port 0 here, so the port is ours before uvicorn starts."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
     while not server.started:
+        assert not task.done(), f"uvicorn stopped before it started: {task.exception() if not task.cancelled() else 'cancelled'}"
+        assert asyncio.get_running_loop().time() < deadline, f"uvicorn not started within {STARTUP_TIMEOUT_S}s"
         await asyncio.sleep(0.01)
     return server, task, f"http://127.0.0.1:{port}"
 

@@ -1,6 +1,9 @@
 """The Dagster UI as an operator uses it: `imgpipe dev` in a subprocess, driven by headless Debian
 Chromium through Playwright (never a downloaded browser). Screenshots go to artifacts/ui/.
 
+Without /usr/bin/chromium the module skips, saying so, except in CI (CI=true), where it fails:
+`.ci/run` installs Debian's chromium, so a missing browser there is a broken CI, not a reason to skip.
+
 One `imgpipe dev` serves the whole module (it takes a minute to start); the run launched from the
 launchpad reaches two real tiny-model GPU server processes on the CPU and the real image server.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
-from imgpipe_dagster_tests.conftest import REPO_ROOT, _create_from_template
-from imgpipe_dagster_tests.support import free_port, seed_corpus
+from imgpipe_dagster_tests.conftest import REPO_ROOT, SESSION_MARK, _create_from_template
+from imgpipe_dagster_tests.support import seed_corpus
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -38,10 +43,20 @@ STARTUP_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 480  # run worker start + two GPU server starts + 3 URLs, on a loaded 2-core box
 UI_TIMEOUT_MS = 90_000  # the asset graph lays itself out in a web worker: slow on a busy 2-core box
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"),
-]
+DEV_START_ATTEMPTS = 3  # the webserver cannot bind port 0: a port taken before it binds means another try
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium() -> Path:
+    """Debian's browser; its absence fails the module in CI and skips it (saying why) elsewhere."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    missing = f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{missing}: in CI the browser test must run (.ci/run installs it)", pytrace=False)
+    pytest.skip(missing)
 
 
 @dataclass
@@ -66,25 +81,84 @@ WORKSPACE = """{ workspaceOrError { __typename ... on Workspace { locationEntrie
     ... on RepositoryLocation { repositories { name } } } } } } }"""
 
 
-def _wait_for_location(base_url: str, process: subprocess.Popen, log_path: Path) -> tuple[str, str]:
-    """(location name, repository name) once the code location has loaded; fails on a load error."""
+def _listener_is_ours(port: int, process: subprocess.Popen) -> bool:
+    """Whether the socket listening on ``port`` belongs to ``process`` or one of its descendants."""
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status != psutil.CONN_LISTEN or connection.laddr.port != port or not connection.pid:
+            continue
+        try:
+            listener = psutil.Process(connection.pid)
+            return listener.pid == process.pid or process.pid in {p.pid for p in listener.parents()}
+        except psutil.NoSuchProcess:
+            return False
+    return False
+
+
+def _port_taken(log_path: Path) -> bool:
+    log = log_path.read_text(errors="replace").lower()
+    return "address already in use" in log or "is in use" in log
+
+
+def _wait_for_location(base_url: str, port: int, process: subprocess.Popen, log_path: Path) -> tuple[str, str] | None:
+    """(location name, repository name) once the code location has loaded; fails on a load error.
+
+    None when the port went to someone else before our webserver bound it (ours exited saying so, or
+    another process answers there): the caller starts again on another port."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if _port_taken(log_path):
+                return None
             pytest.fail(f"imgpipe dev exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             body = httpx.post(f"{base_url}/graphql", json={"query": WORKSPACE}, timeout=10).json()
         except (httpx.HTTPError, ValueError):
             time.sleep(1)
             continue
-        for entry in body.get("data", {}).get("workspaceOrError", {}).get("locationEntries", []):
+        for entry in (body.get("data") or {}).get("workspaceOrError", {}).get("locationEntries", []):
             loaded = entry["locationOrLoadError"]
-            if entry["loadStatus"] == "LOADED" and loaded and loaded["__typename"] == "PythonError":
+            if entry["loadStatus"] != "LOADED" or not loaded:
+                continue
+            if not _listener_is_ours(port, process):
+                return None  # a loaded location, but another process' server
+            if loaded["__typename"] == "PythonError":
                 pytest.fail(f"code location {entry['name']} failed to load: {loaded['message']}")
-            if entry["loadStatus"] == "LOADED" and loaded:
-                return entry["name"], loaded["repositories"][0]["name"]
+            return entry["name"], loaded["repositories"][0]["name"]
         time.sleep(1)
     pytest.fail(f"imgpipe dev did not load its code location in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+
+
+def _port_free_now() -> int:
+    """A port nothing holds at this moment. Only for `dagster dev`, which cannot bind port 0 (it takes
+    0 for "the default"); _wait_for_location notices when the port is taken before it binds."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_dev(env: dict[str, str], home: Path) -> tuple[subprocess.Popen, str, str, str]:
+    """`imgpipe dev --port <port>`: (process, base URL, location, repository), trying again on another
+    port when the chosen one was taken before the webserver bound it."""
+    for attempt in range(1, DEV_START_ATTEMPTS + 1):
+        port = _port_free_now()
+        log_path = home / "imgpipe-dev.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from imgpipe_dagster.cli import main; sys.exit(main())",
+                 "dev", "--port", str(port)],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT,
+            )  # fmt: skip
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            loaded = _wait_for_location(base_url, port, process, log_path)
+        except BaseException:
+            _stop(process)
+            raise
+        if loaded is not None:
+            return process, base_url, *loaded
+        _stop(process)
+        log_path.rename(home / f"imgpipe-dev-port-taken-{attempt}.log")
+    pytest.fail(f"imgpipe dev: the chosen port was taken before the webserver bound it, {DEV_START_ATTEMPTS} times")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -102,7 +176,7 @@ def image_server_module():
 
 @pytest.fixture(scope="module")
 def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Iterator[DevServer]:
-    """`imgpipe dev --port <free>` on a fresh project database with two seeded shards."""
+    """`imgpipe dev` on a fresh project database with two seeded shards."""
     database_url = _create_from_template(pg_server_url, f"imgpipe_test_{_templates['run']}_ui", _templates["project"])
     _templates["created"] += [db.database_name(database_url), db.database_name(db.dagster_database_url(database_url))]
     server = image_server_module
@@ -115,7 +189,6 @@ def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Itera
     # under the repo: the embedded tooling dislikes pytest's 0700 temp parents
     home = REPO_ROOT / ".imgpipe" / f"ui-{uuid.uuid4().hex[:8]}"
     home.mkdir(parents=True)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "IMGPIPE_"))} | {
         "IMGPIPE_HOME": str(home),
         db.DATABASE_URL_ENV: database_url,
@@ -124,26 +197,21 @@ def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Itera
         "IMGPIPE_GPU_BASE_PORT": "0",  # each server binds a free port and records it
         "IMGPIPE_ALLOWED_NETWORKS": "127.0.0.0/8",
         "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
+        SESSION_MARK: os.environ.get(SESSION_MARK, ""),  # so the session's end finds what it leaves behind
     }
-    log_path = home / "imgpipe-dev.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from imgpipe_dagster.cli import main; sys.exit(main())",
-             "dev", "--port", str(port)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT,
-        )  # fmt: skip
+    process = None
     try:
-        base_url = f"http://127.0.0.1:{port}"
-        location, repository = _wait_for_location(base_url, process, log_path)
+        process, base_url, location, repository = _start_dev(env, home)
         yield DevServer(base_url, location, repository, home, database_url)
     finally:
-        _stop(process)
+        if process is not None:
+            _stop(process)
         GpuServerLauncher(home / "gpu-servers").stop()
         shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def browser_context(tmp_path_factory):
+def browser_context(tmp_path_factory, chromium):
     """A fresh Chromium profile per module (--user-data-dir), Debian's binary only."""
     from playwright.sync_api import sync_playwright
 
@@ -152,7 +220,7 @@ def browser_context(tmp_path_factory):
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")),  # Playwright passes it as --user-data-dir
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+            executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS,
             viewport={"width": 1600, "height": 1000},
         )  # fmt: skip
         context.set_default_timeout(UI_TIMEOUT_MS)
