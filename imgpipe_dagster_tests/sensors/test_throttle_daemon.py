@@ -54,7 +54,7 @@ def test_the_throttle_alone_drives_two_shards_to_completion(
     from imgpipe_dagster.resources import GpuModelResource
     from imgpipe_dagster.testing.image_server import photo_names
     from imgpipe_dagster_tests.sensors.daemon_defs import GPU_PORT_ENV
-    from imgpipe_dagster_tests.sensors.support import closed_port
+    from imgpipe_dagster_tests.support import gpu_base_port
 
     # The runs' managed GPU server uses the tiny model under IMGPIPE_HOME: build it once, up front.
     shutil.copytree(tiny_model_dir, imgpipe_home / "models" / "tiny-qwen2-vl")
@@ -68,7 +68,7 @@ def test_the_throttle_alone_drives_two_shards_to_completion(
 
     # Warm the managed GPU server the runs will reuse (CPU, tiny model), as a previous run would have
     # left it: loading torch and the model on a busy 2-core machine takes longer than the runs.
-    port = closed_port()
+    port = gpu_base_port()
     gpu_profile = resolve("conservative")[1]
     launcher = GpuModelResource(base_port=port).launcher(gpu_profile)
     launcher.ensure(["cpu"], base_port=port)
