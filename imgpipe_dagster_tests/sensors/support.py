@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -67,13 +66,6 @@ def add_run(instance, job_name: str, shard: str, status=DagsterRunStatus.STARTED
         instance, job_name=job_name, status=status,
         tags={"dagster/partition": shard, "imgpipe/profile": profile, "imgpipe/kind": "shard_run"},
     )  # fmt: skip
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (connections are refused at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class HealthServer:

@@ -16,10 +16,10 @@ from imgpipe_dagster_tests.sensors.support import (
     HealthServer,
     add_run,
     clear_results,
-    closed_port,
     seed_results,
     seed_shards,
 )
+from imgpipe_dagster_tests.support import refused_port
 
 SETTINGS = ThrottleSettings(healthy_period_s=600, min_dwell_s=120, pause_min_s=300, max_submit_per_tick=8)
 
@@ -162,9 +162,15 @@ def test_a_bad_window_inside_the_period_restarts_it(tick, conn, dagster_instance
     assert profile_of(after) == "conservative"  # healthy again for less than the period
 
 
-def test_pauses_when_the_gpus_are_down_and_resumes(tick, conn, dagster_instance, clock, gpu):
+@pytest.fixture
+def down():
+    """Two GPU server URLs that refuse connections for the whole test."""
+    with refused_port() as first, refused_port() as second:
+        yield [f"http://127.0.0.1:{first}", f"http://127.0.0.1:{second}"]
+
+
+def test_pauses_when_the_gpus_are_down_and_resumes(tick, conn, dagster_instance, clock, gpu, down):
     seed_shards(conn, dagster_instance, 6)
-    down = [f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{closed_port()}"]
 
     paused = tick(endpoints=down)
     assert paused.run_requests == []
