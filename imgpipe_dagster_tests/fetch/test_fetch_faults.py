@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from imgpipe_dagster.fetch import ErrorClass, FetchResult, ImageFetcher
-from imgpipe_dagster.testing.image_server import FAULT_KINDS, ImageServer, fault_test_settings
+from imgpipe_dagster_tests.web.image_server import FAULT_KINDS, ImageServer, fault_test_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

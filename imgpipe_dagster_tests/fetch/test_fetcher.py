@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
-from imgpipe_dagster.testing.image_server import ImageServer, fault_test_settings
+from imgpipe_dagster_tests.web.image_server import ImageServer, fault_test_settings
 
 SIGNED_64 = range(-(2**63), 2**63)
 

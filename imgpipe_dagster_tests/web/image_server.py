@@ -1,10 +1,10 @@
-"""A real HTTP image server on 127.0.0.1 for tests, benchmarks and demos.
+"""A real HTTP image server on loopback for tests and benchmarks (the demo has its own, smaller one).
 
 It serves the real photographs in ``resources/sample_images/`` (see the README there for their
 licences) in many sizes and formats, and every fault the fetch stage must classify. Start it
 in-process (``with ImageServer() as server: ...``, a pytest fixture) or as a process::
 
-    python -m imgpipe_dagster.testing.image_server --port 8765
+    python -m imgpipe_dagster_tests.web.image_server --port 8765
 
 URL scheme (all paths are GET; unknown paths answer 404)
 ---------------------------------------------------------
