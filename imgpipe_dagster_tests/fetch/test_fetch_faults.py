@@ -16,6 +16,9 @@ CLASSES_A_SERVER_CAN_PROVOKE = set(ErrorClass) - {
     ErrorClass.TLS_ERROR,
     ErrorClass.PROTOCOL_ERROR,
     ErrorClass.INTERNAL_ERROR,
+    # a host's history decides these, not one URL: see test_hosts.py
+    ErrorClass.HOST_DEFERRED,
+    ErrorClass.HOST_UNREACHABLE,
 }
 
 
