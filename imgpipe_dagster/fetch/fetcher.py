@@ -96,7 +96,7 @@ class _Progress:
     """What one download got to, for the host's health and the byte budget."""
 
     admission: Admission  # the URL's host slot, told as soon as the host answers
-    answered: bool = False  # the URL's own host sent an HTTP answer (any status)
+    answered: bool = False  # the URL's own host answered its request (any status; robots.txt aside)
     robots_unavailable: bool = False  # robots.txt answered 429/5xx: the host counts as failing
     reserved: int = 0  # body bytes reserved from body_bytes_in_flight
 
@@ -203,7 +203,8 @@ class ImageFetcher:
             timeout_s=s.dns_timeout_s,
             lookup=lookup,
         )
-        self.hosts = HostBook(s)
+        # a host may keep a quarter of the look-ahead waiting at its gate (at least twice its limit)
+        self.hosts = HostBook(s, queue_cap=lambda: max(2 * s.per_host_limit, self._lookahead() // 4))
         self._client: httpx.AsyncClient | None = None
         self._transport: SafeTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -484,7 +485,8 @@ class ImageFetcher:
             raise classify_transport_error(exc) from exc
 
     def _answered(self, progress: _Progress, status: int, *, robots: bool = False) -> None:
-        progress.answered = True
+        # a robots.txt answer shows the host alive, but the URL's own request may still get none
+        progress.answered = progress.answered or not robots
         self.hosts.answered(progress.admission, status=status, robots=robots)
 
     async def _check_robots(self, host: HostState, first: httpx.URL, progress: _Progress) -> None:

@@ -14,8 +14,9 @@ fetcher's global slots while it waits. The gate admits in arrival order while th
   ``host_probes_before_unreachable`` failed probes the host is unreachable (HOST_UNREACHABLE);
 - **pause**: a 429 or 503 pauses the whole host for its Retry-After (or ``host_pause_default_s``)
   and halves its window; URLs arriving meanwhile come back HOST_DEFERRED until the pause ends;
-- **queue length**: a URL that would wait longer than ``host_queue_wait_s`` behind its host's queue
-  is deferred, so one busy host cannot fill the fetcher's look-ahead.
+- **queue length**: a URL that would wait longer than ``host_queue_wait_s`` behind its host's queue,
+  or find a quarter of the fetcher's look-ahead (at least 2 × ``per_host_limit``) queued there,
+  is deferred, so one busy or failing host cannot fill the look-ahead while other hosts could run.
 
 State lives as long as the fetcher (one run); a host's entry is kept while it is remembered as
 broken or paused, and dropped when it is healthy and idle, so millions of hosts do not pile up.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgpipe_dagster.fetch.errors import ErrorClass, FetchError
@@ -48,6 +50,8 @@ HOST_FAILURES = frozenset(
 SLOW_DOWN_STATUSES = frozenset({429, 503})
 # weight of the newest sample in a host's running mean request time
 _EWMA_WEIGHT = 0.2
+# a URL deferred for its host's queue comes back no sooner than this
+_MIN_QUEUE_DEFERRAL_S = 1.0
 
 
 @dataclass
@@ -81,8 +85,10 @@ class HostState:
 class HostBook:
     """Per-host gates of one fetcher (one event loop)."""
 
-    def __init__(self, settings: FetchSettings) -> None:
+    def __init__(self, settings: FetchSettings, queue_cap: Callable[[], int] | None = None) -> None:
         self.settings = settings
+        # most URLs one host may keep waiting at its gate (the fetcher passes a share of its look-ahead)
+        self._queue_cap = queue_cap or (lambda: 1_000_000)
         self._hosts: dict[str, HostState] = {}
 
     def __len__(self) -> int:
@@ -121,9 +127,9 @@ class HostBook:
         if host.blocked_until > now:
             raise _deferred(host, host.blocked_until - now)
         wait = self._expected_wait(host, queued)
-        if wait > self.settings.host_queue_wait_s:
+        if wait > self.settings.host_queue_wait_s or queued >= self._queue_cap():
             self._forget_if_idle(host)
-            raise _deferred(host, wait, why=f"{queued} URLs queued ahead")
+            raise _deferred(host, max(wait, _MIN_QUEUE_DEFERRAL_S), why=f"{queued} URLs queued ahead")
 
     def _expected_wait(self, host: HostState, queued: int) -> float:
         if queued == 0:
@@ -208,7 +214,8 @@ class HostBook:
         if admission.probe:
             host.probing = False
         if elapsed_s is not None:
-            host.mean_request_s += _EWMA_WEIGHT * (elapsed_s - host.mean_request_s)
+            weight = _EWMA_WEIGHT if host.mean_request_s else 1.0  # the first sample is the mean
+            host.mean_request_s += weight * (elapsed_s - host.mean_request_s)
         status = failure.http_status if failure is not None else None
         if health == "answered":
             if status in SLOW_DOWN_STATUSES:

@@ -265,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
             path = path[len("/private") :]
         owner._request_started(self.headers.get("Host", ""), self.path, self.headers.get("User-Agent", ""))
         try:
-            if path == "/robots.txt":
+            if path == "/robots.txt" and owner.behaviour != "hang":
                 self._robots()
             elif owner.behaviour != "ok":
                 self._host_fault(owner.behaviour)
@@ -569,7 +569,7 @@ class ImageServer:
     One server is one web host. ``host``: its loopback address (any 127.x.y.z: many hosts, one
     machine). ``robots_txt``: served at /robots.txt (None: 404; the default disallows
     /private/, where the same content as / is served). ``behaviour`` of every request but
-    /robots.txt: "ok" (the URL scheme above), "hang" (no answer, ever), "throttle" (429) or
+    /robots.txt: "ok" (the URL scheme above), "hang" (no answer, ever, robots.txt included), "throttle" (429) or
     "unavailable" (503), both with ``Retry-After: retry_after``, "trickle" (every body at 160 B/s) or
     "reset" (half of every body, then a TCP reset). ``latency_s``: seconds before a photo is
     answered, the median of a lognormal of ``latency_sigma`` drawn from ``random.Random(seed)``
