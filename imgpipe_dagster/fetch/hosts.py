@@ -134,9 +134,9 @@ class HostBook:
     def _expected_wait(self, host: HostState, queued: int) -> float:
         if queued == 0:
             return 0.0
-        per_request = max(
-            1.0 / self.settings.per_host_requests_per_s, host.mean_request_s / max(host.window, 1)
-        )
+        # a healthy host is heading for its full window (slow start doubles it per answer)
+        parallel = host.window if host.consecutive_failures else self.settings.per_host_limit
+        per_request = max(1.0 / self.settings.per_host_requests_per_s, host.mean_request_s / max(parallel, 1))
         return queued * per_request
 
     def _refill(self, host: HostState, now: float) -> None:

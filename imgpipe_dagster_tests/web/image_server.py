@@ -551,6 +551,12 @@ class Meter:
             self.in_flight += delta
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
+    def reset(self) -> None:
+        """Start the maxima again from what is open now."""
+        with self._lock:
+            self.max_in_flight = self.in_flight
+            self.max_connections = self.connections
+
     def connection(self, delta: int) -> None:
         with self._lock:
             self.connections += delta
