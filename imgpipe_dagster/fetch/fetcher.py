@@ -504,7 +504,8 @@ class ImageFetcher:
             async with asyncio.timeout(settings.prefetch_download_timeout):
                 for hop in range(settings.max_redirects + 1):
                     response = await self._send(url, headers={"Accept": "text/plain", "Accept-Encoding": "identity"})
-                    if hop == 0:
+                    unavailable = response.status_code == 429 or response.status_code >= 500
+                    if hop == 0 and not unavailable:  # an unavailable robots.txt is no sign of health
                         self._answered(progress, response.status_code, robots=True)
                     try:
                         status = response.status_code
@@ -520,7 +521,7 @@ class ImageFetcher:
                                     break
                             truncated = len(body) >= settings.robots_max_bytes
                             return RobotsRules.from_body(bytes(body[: settings.robots_max_bytes]), truncated=truncated)
-                        if status == 429 or status >= 500:
+                        if unavailable:
                             progress.robots_unavailable = True
                             error = _status_error(response)
                             assert error is not None

@@ -50,6 +50,18 @@ def test_a_missing_robots_txt_allows_everything() -> None:
     assert results[1].ok, results[1].error
 
 
+def test_an_unavailable_robots_txt_fetches_nothing_and_counts_against_the_host() -> None:
+    with ImageServer(loopback_address(66), robots_status=503) as server:
+        items = [(i, server.image_url("rocket", "jpg", width=64, n=i)) for i in range(10)]
+        results = run(fault_test_settings(host_failures_to_open=3), items)
+        paths = [path for _t, path in server.request_log]
+    # nothing is fetched from a host whose robots.txt is unavailable (RFC 9309: assume disallow); each
+    # URL that asked spends an attempt (HTTP_5XX), and after three the host's breaker defers the rest
+    assert classes(results.values()) == {"http_5xx": 3, "host_deferred": 7}
+    assert paths == ["/robots.txt"] * 3
+    assert all("robots.txt" in r.error.message for r in results.values() if r.error.error_class is ErrorClass.HTTP_5XX)
+
+
 def test_only_the_first_robots_max_bytes_are_read_and_their_rules_hold() -> None:
     comment = "# " + "x" * 78 + "\n"
     huge = f"User-agent: *\nDisallow: /private/\n{comment * 20_000}Disallow: /img/\n"  # 1.6 MB

@@ -286,7 +286,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _robots(self) -> None:
         owner = self.server.owner
-        if owner.robots_txt is None:
+        if owner.robots_status is not None:
+            self._send(owner.robots_status, b"robots.txt unavailable", "text/plain",
+                       {"Retry-After": str(owner.retry_after)})  # fmt: skip
+        elif owner.robots_txt is None:
             self._send(404, b"no robots.txt", "text/plain")
         else:
             self._send(200, owner.robots_txt.encode(), "text/plain")
@@ -574,7 +577,8 @@ class ImageServer:
 
     One server is one web host. ``host``: its loopback address (any 127.x.y.z: many hosts, one
     machine). ``robots_txt``: served at /robots.txt (None: 404; the default disallows
-    /private/, where the same content as / is served). ``behaviour`` of every request but
+    /private/, where the same content as / is served); ``robots_status`` (e.g. 503) answers
+    /robots.txt with that status instead. ``behaviour`` of every request but
     /robots.txt: "ok" (the URL scheme above), "hang" (no answer, ever, robots.txt included), "throttle" (429) or
     "unavailable" (503), both with ``Retry-After: retry_after``, "trickle" (every body at 160 B/s) or
     "reset" (half of every body, then a TCP reset). ``latency_s``: seconds before a photo is
@@ -591,6 +595,7 @@ class ImageServer:
         port: int = 0,
         *,
         robots_txt: str | None = DEFAULT_ROBOTS_TXT,
+        robots_status: int | None = None,
         behaviour: str = "ok",
         retry_after: int = 1,
         latency_s: float = 0.0,
@@ -603,6 +608,7 @@ class ImageServer:
         self.host = host
         self._requested_port = port
         self.robots_txt = robots_txt
+        self.robots_status = robots_status
         self.behaviour = behaviour
         self.retry_after = retry_after
         self.meter = meter or Meter()
