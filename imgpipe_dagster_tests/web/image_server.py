@@ -63,6 +63,22 @@ path                                        behaviour → expected class
 /private/<any path above>                   the same, but robots.txt disallows it → ROBOTS_DISALLOWED
 ==========================================  ============================================================
 
+Hosts (a realistic web on one machine)
+--------------------------------------
+One :class:`ImageServer` is one web host, on any loopback address (127.0.0.0/8 needs no setup).
+``web_hosts(count, first=…, **options)`` starts ``count`` of them on ``loopback_address(first + i)``
+(127.0.1.1, 127.0.1.2, …), port 0 each, sharing one :class:`Meter` that counts requests and TCP
+connections, at once and at most. Per host (keywords of :class:`ImageServer`):
+
+- ``behaviour``: ``ok``; ``hang`` (accepts, never answers, robots.txt included: a dead-but-listening
+  host); ``throttle`` / ``unavailable`` (every request but robots.txt answers 429 / 503 with
+  ``Retry-After: retry_after``); ``trickle`` (every body at 160 B/s); ``reset`` (half a body, then RST);
+- ``latency_s`` (+ ``latency_sigma``, ``seed``): seconds before each photo is answered, a seeded
+  lognormal around that median;
+- ``robots_txt`` (default: disallow ``/private/``; None: 404) or ``robots_status`` (e.g. 503);
+- ``go_down()`` closes the port (connects are refused: a dead host), ``come_back()`` reopens it;
+- ``request_log``: (time.monotonic(), path) of every request, to prove what was (not) requested.
+
 Faults that are not paths: ``server.connect_timeout_url`` (a listener whose accept queue is full:
 SYNs are dropped → CONNECT_TIMEOUT), ``server.refused_url`` (a closed port → CONNECT_REFUSED),
 ``http://does-not-exist.invalid/`` (DNS_FAILURE), ``ftp://…`` (INVALID_URL), and blocked addresses
