@@ -191,11 +191,11 @@ def main() -> None:
         print(json.dumps(run_img2dataset(args.urls, args.concurrency, args.output)))
         return
 
-    from imgpipe_dagster.testing.image_server import good_photo_urls
+    from imgpipe_dagster_tests.web.image_server import good_photo_urls
 
     work = Path(tempfile.mkdtemp(prefix="imgpipe-bench-fetch-"))
     server = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", "0"],
+        [sys.executable, "-m", "imgpipe_dagster_tests.web.image_server", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

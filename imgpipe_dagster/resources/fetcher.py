@@ -14,6 +14,10 @@ class FetcherResource(ConfigurableResource):
 
     user_agent: str = Field(default=DEFAULT_USER_AGENT, description="User-Agent sent to image hosts")
     honour_noai_opt_out: bool = Field(default=True, description="skip images whose host sends X-Robots-Tag noai")
+    contact_url: str = Field(default="", description="where site owners reach the operator; sent in the User-Agent")
+    obey_robots_txt: bool = Field(
+        default=True, description="honour each host's robots.txt; switch off only for corpora you have permission for"
+    )
     allowed_networks: list[str] = Field(
         default_factory=list,
         description="CIDR networks exempt from the private-address block (tests, a demo on 127.0.0.1); "
@@ -29,6 +33,8 @@ class FetcherResource(ConfigurableResource):
             worker,
             user_agent=self.user_agent,
             honour_noai_opt_out=self.honour_noai_opt_out,
+            contact_url=self.contact_url,
+            obey_robots_txt=self.obey_robots_txt,
             allowed_networks=list(self.allowed_networks),
             max_bytes=self.max_bytes,
             max_image_pixels=self.max_image_pixels,

@@ -34,9 +34,9 @@ from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.store.verify import verify
-from imgpipe_dagster.testing.image_server import ImageServer
 from imgpipe_dagster_tests.reliability.chaos_worker import WORKER_OVERRIDES, chaos_engine_settings
 from imgpipe_dagster_tests.support import gpu_base_port, seed_corpus
+from imgpipe_dagster_tests.web.image_server import ImageServer
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from imgpipe_dagster.testing.image_server import ImageServer, good_photo_urls, photo_names
+from imgpipe_dagster_tests.web.image_server import ImageServer, good_photo_urls, photo_names
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -74,7 +74,7 @@ def test_unknown_paths_and_photos_are_404(image_server: ImageServer) -> None:
 
 def test_runs_as_a_command_and_stops_cleanly() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", "0"],
+        [sys.executable, "-m", "imgpipe_dagster_tests.web.image_server", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
