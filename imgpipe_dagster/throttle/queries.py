@@ -53,14 +53,14 @@ SELECT (SELECT count(*) FROM recent),
                   FROM errors GROUP BY 1 ORDER BY 2 DESC LIMIT 5) top)
 """
 
-# A shard has claimable work when one of its URLs is pending, retryable past its backoff, or leased
+# A shard has claimable work when one of its URLs is pending or retryable and due, or leased
 # by a run whose lease expired. The state list is the index condition; the rest filters its rows.
 _CLAIMABLE = """
     EXISTS (SELECT 1 FROM corpus_urls c
              WHERE c.shard_id = s.shard_id
                AND c.state IN ('pending', 'failed_retryable', 'leased')
-               AND (c.state = 'pending'
-                    OR (c.state = 'failed_retryable' AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now()))
+               AND (c.state IN ('pending', 'failed_retryable')
+                    AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now())
                     OR (c.state = 'leased' AND c.lease_expires_at < now())))
 """
 
