@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import psycopg
 from psycopg.types.json import Jsonb
 
+from imgpipe_dagster.throttle import blame
 from imgpipe_dagster.throttle.decide import TIMEOUT_CLASSES, Backlog, Decision, WindowStats
 
 # Unfinished URLs are counted up to this many per tick (the exact count is progress_report's job).
@@ -26,13 +27,13 @@ URLS_UNFINISHED_CAP = 200_000
 
 _WINDOW = """
 WITH recent AS (
-    SELECT status, error_class, inference_ms, download_ms
+    SELECT status, error_class, inference_ms, download_ms, url
       FROM url_analysis_results
      WHERE created_at > now() - make_interval(secs => %(window_s)s)
      ORDER BY created_at DESC
      LIMIT %(cap)s
 ), retry AS (
-    SELECT last_error_class
+    SELECT last_error_class, url
       FROM corpus_urls
      WHERE state = 'failed_retryable' AND updated_at > now() - make_interval(secs => %(window_s)s)
      LIMIT %(cap)s
@@ -40,6 +41,10 @@ WITH recent AS (
     SELECT error_class FROM recent WHERE status <> 'ok'
     UNION ALL
     SELECT last_error_class FROM retry
+), hosts AS (
+    SELECT substring(url from '^[^:]+://([^/?#]*)') AS host, bool_or(answered) AS answered
+      FROM (SELECT url, status = 'ok' AS answered FROM recent UNION ALL SELECT url, false FROM retry) seen
+     GROUP BY 1
 )
 SELECT (SELECT count(*) FROM recent),
        (SELECT count(*) FROM recent WHERE status <> 'ok'),
@@ -47,10 +52,16 @@ SELECT (SELECT count(*) FROM recent),
        (SELECT count(*) FROM retry),
        (SELECT count(*) FROM retry WHERE last_error_class = ANY(%(timeouts)s)),
        (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY inference_ms) FROM recent),
-       (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY download_ms) FROM recent),
+       -- downloads that brought an image: hosts that hang until the deadline are the web's, not a
+       -- sign that our network struggles
+       (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY download_ms) FROM recent WHERE status = 'ok'),
        (SELECT coalesce(jsonb_agg(jsonb_build_array(cls, n)), '[]'::jsonb)
           FROM (SELECT coalesce(error_class, 'unknown') AS cls, count(*) AS n
-                  FROM errors GROUP BY 1 ORDER BY 2 DESC LIMIT 5) top)
+                  FROM errors GROUP BY 1 ORDER BY 2 DESC LIMIT 5) top),
+       (SELECT count(*) FROM errors WHERE error_class = ANY(%(web)s)),
+       (SELECT count(*) FROM errors WHERE error_class = ANY(%(network)s)),
+       (SELECT count(*) FROM hosts),
+       (SELECT count(*) FROM hosts WHERE answered)
 """
 
 # A shard has claimable work when one of its URLs is pending or retryable and due, or leased
@@ -72,9 +83,13 @@ _WITH_WORK = """
 
 def read_window(conn: psycopg.Connection, window_s: float, max_rows: int) -> WindowStats:
     row = conn.execute(
-        _WINDOW, {"window_s": window_s, "cap": max_rows, "timeouts": list(TIMEOUT_CLASSES)}
-    ).fetchone()
-    results, failed, timeouts, retryable, retryable_timeouts, p95_inference, p95_download, top = row
+        _WINDOW,
+        {"window_s": window_s, "cap": max_rows, "timeouts": list(TIMEOUT_CLASSES),
+         "web": sorted(blame.WEB_SIDE), "network": sorted(blame.NETWORK)},
+    ).fetchone()  # fmt: skip
+    (results, failed, timeouts, retryable, retryable_timeouts, p95_inference, p95_download, top,
+     web_side, network, hosts, hosts_answering) = row  # fmt: skip
+    ours = blame.network_is_ours(hosts, hosts_answering)
     return WindowStats(
         window_s=window_s, results=results, failed=failed, timeouts=timeouts, retryable=retryable,
         retryable_timeouts=retryable_timeouts,
@@ -82,6 +97,9 @@ def read_window(conn: psycopg.Connection, window_s: float, max_rows: int) -> Win
         p95_download_ms=float(p95_download) if p95_download is not None else None,
         capped=results >= max_rows or retryable >= max_rows,
         top_errors=tuple((str(cls), int(n)) for cls, n in top),
+        web_failed=web_side + (0 if ours else network),
+        web_timeouts=0 if ours else timeouts + retryable_timeouts,
+        hosts=hosts, hosts_answering=hosts_answering,
     )  # fmt: skip
 
 
