@@ -46,6 +46,7 @@ from imgpipe_dagster.store.work import ClaimedUrl, Leftover, UrlOutcome
 log = logging.getLogger("imgpipe.engine")
 
 _END = object()  # end-of-stream marker between stages
+_RETRY, _FRESH, _LAST = 0, 1, 2  # order of the fetcher's input
 
 
 @dataclass
@@ -134,7 +135,9 @@ class ShardRunner:
         self.fetcher: ImageFetcher | None = None
         self.router_snapshot: dict = {}
         self.clients: dict[str, GpuClient] = {}
-        self.urls: asyncio.Queue = asyncio.Queue()
+        # leased URLs for the fetcher: retries ahead of fresh URLs, the end marker after both
+        self.urls: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._queued = 0  # arrival order within a priority
         self.images: asyncio.Queue = asyncio.Queue(maxsize=max(run.images_per_request * run.max_concurrent_batches, 64))
         # leased work ahead of the fetcher at the smallest download limit (it grows with the limit)
         self.min_high_water = max(
@@ -258,7 +261,7 @@ class ShardRunner:
                     self.outstanding += 1
                     if item.attempts == 0:
                         self.fetch_retry.note_first_attempt()
-                    self.urls.put_nowait(item)
+                    self._queue_url(item)
                 if claimed:
                     waiting_on_others_since = None
                     continue
@@ -292,11 +295,15 @@ class ShardRunner:
                     return
                 await asyncio.sleep(max(min(due_in, 1.0), 0.05))
         finally:
-            self.urls.put_nowait(_END)
+            self.urls.put_nowait((_LAST, 0, _END))
+
+    def _queue_url(self, item: ClaimedUrl) -> None:
+        self._queued += 1
+        self.urls.put_nowait((_RETRY if item.attempts else _FRESH, self._queued, item))
 
     async def _claimed_urls(self) -> AsyncIterator[tuple[ClaimedUrl, str]]:
         while True:
-            item = await self.urls.get()
+            _, _, item = await self.urls.get()
             if item is _END:
                 return
             yield item, item.url

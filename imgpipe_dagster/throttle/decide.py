@@ -166,9 +166,9 @@ class WindowStats:
     # timeouts among them: the ratios the throttle acts on leave them out
     web_failed: int = 0
     web_timeouts: int = 0
-    # hosts seen in the window, and those that answered with an image at least once
+    # hosts seen in the window, and those with host-level failures (throttle/blame.py)
     hosts: int = 0
-    hosts_answering: int = 0
+    hosts_failing: int = 0
 
     @property
     def samples(self) -> int:

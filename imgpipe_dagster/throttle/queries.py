@@ -38,13 +38,13 @@ WITH recent AS (
      WHERE state = 'failed_retryable' AND updated_at > now() - make_interval(secs => %(window_s)s)
      LIMIT %(cap)s
 ), errors AS (
-    SELECT error_class FROM recent WHERE status <> 'ok'
+    SELECT error_class, url FROM recent WHERE status <> 'ok'
     UNION ALL
-    SELECT last_error_class FROM retry
+    SELECT last_error_class, url FROM retry
 ), hosts AS (
-    SELECT substring(url from '^[^:]+://([^/?#]*)') AS host, bool_or(answered) AS answered
-      FROM (SELECT url, status = 'ok' AS answered FROM recent UNION ALL SELECT url, false FROM retry) seen
-     GROUP BY 1
+    SELECT substring(url from '^[^:]+://([^/?#]*)') AS host FROM recent
+    UNION
+    SELECT substring(url from '^[^:]+://([^/?#]*)') FROM retry
 )
 SELECT (SELECT count(*) FROM recent),
        (SELECT count(*) FROM recent WHERE status <> 'ok'),
@@ -59,9 +59,10 @@ SELECT (SELECT count(*) FROM recent),
           FROM (SELECT coalesce(error_class, 'unknown') AS cls, count(*) AS n
                   FROM errors GROUP BY 1 ORDER BY 2 DESC LIMIT 5) top),
        (SELECT count(*) FROM errors WHERE error_class = ANY(%(web)s)),
-       (SELECT count(*) FROM errors WHERE error_class = ANY(%(network)s)),
+       (SELECT count(*) FROM errors WHERE error_class = ANY(%(either)s)),
        (SELECT count(*) FROM hosts),
-       (SELECT count(*) FROM hosts WHERE answered)
+       (SELECT count(DISTINCT substring(url from '^[^:]+://([^/?#]*)')) FROM errors
+         WHERE error_class = ANY(%(either)s))
 """
 
 # A shard has claimable work when one of its URLs is pending or retryable and due, or leased
@@ -85,11 +86,11 @@ def read_window(conn: psycopg.Connection, window_s: float, max_rows: int) -> Win
     row = conn.execute(
         _WINDOW,
         {"window_s": window_s, "cap": max_rows, "timeouts": list(TIMEOUT_CLASSES),
-         "web": sorted(blame.WEB_SIDE), "network": sorted(blame.NETWORK)},
+         "web": sorted(blame.WEB_SIDE), "either": sorted(blame.EITHER)},
     ).fetchone()  # fmt: skip
     (results, failed, timeouts, retryable, retryable_timeouts, p95_inference, p95_download, top,
-     web_side, network, hosts, hosts_answering) = row  # fmt: skip
-    ours = blame.network_is_ours(hosts, hosts_answering)
+     web_side, either, hosts, hosts_failing) = row  # fmt: skip
+    ours = blame.spread_is_ours(hosts, hosts_failing)
     return WindowStats(
         window_s=window_s, results=results, failed=failed, timeouts=timeouts, retryable=retryable,
         retryable_timeouts=retryable_timeouts,
@@ -97,9 +98,9 @@ def read_window(conn: psycopg.Connection, window_s: float, max_rows: int) -> Win
         p95_download_ms=float(p95_download) if p95_download is not None else None,
         capped=results >= max_rows or retryable >= max_rows,
         top_errors=tuple((str(cls), int(n)) for cls, n in top),
-        web_failed=web_side + (0 if ours else network),
+        web_failed=web_side + (0 if ours else either),
         web_timeouts=0 if ours else timeouts + retryable_timeouts,
-        hosts=hosts, hosts_answering=hosts_answering,
+        hosts=hosts, hosts_failing=hosts_failing,
     )  # fmt: skip
 
 
