@@ -197,12 +197,12 @@ def main() -> None:
         print(json.dumps(run_img2dataset(args.urls, args.concurrency, args.output)))
         return
 
-    from imgpipe_dagster.testing.image_server import good_photo_urls
+    from imgpipe_dagster_tests.web.image_server import good_photo_urls
 
     work = Path(tempfile.mkdtemp(prefix="imgpipe-bench-fetch-"))
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(port)],
+        [sys.executable, "-m", "imgpipe_dagster_tests.web.image_server", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

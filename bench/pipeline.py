@@ -82,7 +82,7 @@ def bench_end_to_end(url: str, n_urls: int, devices: list[str]) -> None:
     from imgpipe_dagster.gpu_server.settings import ServerSettings
     from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
     from imgpipe_dagster.profiles import resolve
-    from imgpipe_dagster.testing.image_server import ImageServer, photo_names
+    from imgpipe_dagster_tests.web.image_server import ImageServer, photo_names
 
     state = Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
     model = build_tiny_model(state / "tiny")

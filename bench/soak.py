@@ -192,8 +192,8 @@ def driver_main(args: argparse.Namespace) -> int:
     from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
     from imgpipe_dagster.store.embedded import EmbeddedPostgres
     from imgpipe_dagster.store.migrations import migrate
-    from imgpipe_dagster.testing.image_server import ImageServer
     from imgpipe_dagster_tests.support import free_port_pair
+    from imgpipe_dagster_tests.web.image_server import ImageServer
 
     state = Path(tempfile.mkdtemp(prefix="soak-", dir=REPO / ".imgpipe" if (REPO / ".imgpipe").is_dir() else None))
     server_pg = None

@@ -26,7 +26,7 @@ DEMO_FAULTS = ("/fault/status/404", "/fault/html-as-jpeg", "/fault/truncated-jpe
 
 
 def write_sample_corpus(path: Path, base_url: str) -> int:
-    from imgpipe_dagster.testing.image_server import photo_names
+    from imgpipe_dagster._demo_photos import photo_names
 
     urls = [
         f"{base_url}/img/{name}.{ext}?w={width}"
@@ -80,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # Its own process: resizing photos on demand must not compete with the run for one GIL.
     image_server = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(args.image_port)],
+        [sys.executable, "-m", "imgpipe_dagster._demo_photos", "--port", str(args.image_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base_url = f"http://127.0.0.1:{args.image_port}"

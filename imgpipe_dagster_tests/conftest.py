@@ -126,7 +126,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def image_server():
     """The real image server on 127.0.0.1 (photos and every fault)."""
-    from imgpipe_dagster.testing.image_server import ImageServer
+    from imgpipe_dagster_tests.web.image_server import ImageServer
 
     with ImageServer() as server:
         yield server

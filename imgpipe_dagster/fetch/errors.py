@@ -2,7 +2,8 @@
 
 Every per-URL failure ends in exactly one :class:`ErrorClass`. The value is a stable lower_snake
 string (stored in PostgreSQL as text), and ``retryable`` tells the caller's retry policy whether
-trying the same URL again later can succeed. The fetch stage itself never retries or sleeps.
+trying the same URL again later can succeed. HOST_DEFERRED is neither a success nor a failure of the
+URL: it goes back to the pool until ``retry_after`` has passed, without spending an attempt. The fetch stage itself never retries or sleeps.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class ErrorClass(str, Enum):
     READ_TIMEOUT = "read_timeout"
     # the whole download (redirects and body included) ran past its total deadline
     DEADLINE = "deadline"
+    # the request was sent but no response (headers) came within the time-to-first-byte limit
+    TTFB_TIMEOUT = "ttfb_timeout"
+    # the body arrived below the minimum transfer rate once its grace period had passed (a trickle)
+    TOO_SLOW = "too_slow"
     # the connection was reset or closed before the full body arrived
     RESET = "reset"
     HTTP_404 = "http_404"
@@ -48,6 +53,13 @@ class ErrorClass(str, Enum):
     TLS_ERROR = "tls_error"
     # the peer spoke malformed HTTP
     PROTOCOL_ERROR = "protocol_error"
+    # robots.txt of the host disallows the URL for our User-Agent token; never requested
+    ROBOTS_DISALLOWED = "robots_disallowed"
+    # not the URL's fault, no request made: the host's breaker is open, or the host asked us to slow
+    # down (429/503), or its queue is too long; ``FetchError.retry_after`` says when to try again
+    HOST_DEFERRED = "host_deferred"
+    # the host stayed dead through every probe of its breaker; failed without another request
+    HOST_UNREACHABLE = "host_unreachable"
     # a bug in our own code path; reported, never raised, so one URL cannot stop a run
     INTERNAL_ERROR = "internal_error"
 
@@ -55,6 +67,11 @@ class ErrorClass(str, Enum):
     def retryable(self) -> bool:
         """True when the same URL may succeed on a later attempt."""
         return self in _RETRYABLE
+
+    @property
+    def spends_attempt(self) -> bool:
+        """False for HOST_DEFERRED: the URL was not tried, so no attempt (and no retry) is spent."""
+        return self is not ErrorClass.HOST_DEFERRED
 
     def __str__(self) -> str:
         return self.value
@@ -67,6 +84,9 @@ _RETRYABLE = frozenset(
         ErrorClass.CONNECT_REFUSED,
         ErrorClass.READ_TIMEOUT,
         ErrorClass.DEADLINE,
+        ErrorClass.TTFB_TIMEOUT,
+        ErrorClass.TOO_SLOW,
+        ErrorClass.HOST_DEFERRED,  # retryable by nature; the caller should not count it as an attempt
         ErrorClass.RESET,
         ErrorClass.HTTP_429,
         ErrorClass.HTTP_5XX,

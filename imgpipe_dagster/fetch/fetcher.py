@@ -1,11 +1,26 @@
-"""The image fetcher: bounded, safe downloads on one pooled httpx client, decoded in a thread pool.
+"""The image fetcher: bounded, safe, polite downloads on one pooled httpx client, decoded in threads.
 
 ``fetch`` turns one URL into one :class:`FetchResult` and never raises for a per-URL failure;
-``stream`` runs ``prefetch_concurrent_downloads`` workers over an input of (key, url) pairs and yields
-the results in completion order through a queue of ``prefetch_queue_size``. Memory is bounded whatever
-the input: each worker holds at most ``max_bytes`` of body (checked on Content-Length, while streaming
-and after Content-Encoding), each decode thread at most ``max_image_pixels`` of pixels (checked from
-the header before decoding), and queued results hold only the small resized image.
+``stream`` fetches an input of (key, url) pairs with up to ``max_in_flight`` downloads in flight and
+yields the results in completion order through a queue of ``prefetch_queue_size``.
+
+The life of one URL: its host's gate (``hosts.py``: slow start, breaker, pauses, rate, queue
+length; waiting there holds no global slot) → one of ``max_in_flight`` global slots (the total
+deadline starts here) → robots.txt of the host, fetched once → the request, with a time-to-first-byte
+limit → the body, with a minimum transfer rate after a grace period and a byte reservation from
+``body_bytes_in_flight`` → the slot is released → decode and resize in the thread pool → the byte
+reservation is released.
+
+``max_in_flight`` may be changed at any time from the fetcher's event loop; ``in_flight`` counts the
+downloads holding a slot now and ``slot_seconds`` the seconds slots were held, by outcome ("ok" or
+the error class value). Memory is bounded whatever the input and whatever ``max_in_flight``: bodies
+reserve their bytes from ``body_bytes_in_flight`` (each at most ``max_bytes``, checked on
+Content-Length, while streaming and after Content-Encoding), each decode thread holds at most
+``max_image_pixels`` pixels, and queued results hold only the small resized image.
+
+The HTTP pool may open max(``connection_pool_size``, ``max_in_flight_ceiling``) connections, so it
+never caps the downloads in flight below ``max_in_flight``: a request never waits for a pooled
+connection while it holds a slot (``connection_pool_size`` bounds the idle keep-alive connections).
 """
 
 from __future__ import annotations
@@ -15,9 +30,9 @@ import hashlib
 import logging
 import time
 import urllib.parse
+from collections import Counter, deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +43,9 @@ from imgpipe_dagster.fetch.decode import SNIFF_BYTES, decode_image, sniff_format
 from imgpipe_dagster.fetch.encoding import ACCEPT_ENCODING, BoundedBodyDecoder
 from imgpipe_dagster.fetch.errors import ErrorClass, FetchError
 from imgpipe_dagster.fetch.headers import parse_retry_after, robots_opt_out
+from imgpipe_dagster.fetch.hosts import HOST_FAILURES, Admission, HostBook, HostState
 from imgpipe_dagster.fetch.resolver import Lookup, SafeResolver
+from imgpipe_dagster.fetch.robots import RobotsRules
 from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.fetch.transport import SafeTransport
 
@@ -38,6 +55,8 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5"
 # h11's messages for a connection that ended early: the peer went away, which a retry may survive
 _EARLY_CLOSE_MARKERS = ("peer closed connection", "server disconnected")
+# the httpcore trace event at which the request is on its way: the time-to-first-byte clock starts
+_REQUEST_SENT_EVENT = "http11.send_request_headers.started"
 
 
 @dataclass
@@ -72,30 +91,20 @@ class _Download:
     redirects: int
 
 
-class _HostSlots:
-    """At most ``limit`` downloads in flight per host; entries vanish when a host goes idle."""
+@dataclass
+class _Progress:
+    """What one download got to, for the host's health and the byte budget."""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+    admission: Admission  # the URL's host slot, told as soon as the host answers
+    answered: bool = False  # the URL's own host sent an HTTP answer (any status)
+    robots_unavailable: bool = False  # robots.txt answered 429/5xx: the host counts as failing
+    reserved: int = 0  # body bytes reserved from body_bytes_in_flight
 
-    @asynccontextmanager
-    async def hold(self, host: str):
-        entry = self._slots.get(host)
-        if entry is None:
-            entry = self._slots[host] = (asyncio.Semaphore(self._limit), [0])
-        semaphore, users = entry
-        users[0] += 1
-        try:
-            async with semaphore:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                self._slots.pop(host, None)
 
-    def __len__(self) -> int:
-        return len(self._slots)
+def origin_key(url: httpx.URL) -> str:
+    """The host a URL belongs to for health and politeness: scheme, name and port."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return f"{url.scheme}://{url.host}:{port}"
 
 
 def prepare_url(url: str, resolver: SafeResolver) -> httpx.URL:
@@ -177,27 +186,56 @@ def classify_transport_error(exc: httpx.HTTPError) -> FetchError:
 
 
 class ImageFetcher:
-    """Owns one pooled HTTP client, the DNS resolver and the decode thread pool. Use ``async with``."""
+    """Owns one pooled HTTP client, the DNS resolver, the host book and the decode thread pool.
+
+    Use ``async with``. ``max_in_flight``, ``in_flight`` and ``slot_seconds`` are described in the
+    module docstring; everything runs on the event loop that opened the fetcher.
+    """
 
     def __init__(self, settings: FetchSettings | None = None, *, lookup: Lookup | None = None) -> None:
         self.settings = settings or FetchSettings()
+        s = self.settings
         # ``lookup`` replaces the system resolver (tests map names to chosen addresses); the cache and
         # the address-safety check apply either way
         self.resolver = SafeResolver(
-            allowed_networks=self.settings.allowed_networks,
-            cache_ttl_s=self.settings.dns_cache_ttl_s,
-            timeout_s=self.settings.dns_timeout_s,
+            allowed_networks=s.allowed_networks,
+            cache_ttl_s=s.dns_cache_ttl_s,
+            timeout_s=s.dns_timeout_s,
             lookup=lookup,
         )
+        self.hosts = HostBook(s)
         self._client: httpx.AsyncClient | None = None
         self._transport: SafeTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._host_slots = _HostSlots(self.settings.per_host_limit)
+        # the legacy prefetch_concurrent_downloads is where downloads in flight start
+        self._max_in_flight = min(s.prefetch_concurrent_downloads if s.enable_prefetch else 1,
+                                  s.max_in_flight_ceiling)  # fmt: skip
+        self.in_flight = 0  # downloads holding a global slot now
+        self.slot_seconds: Counter[str] = Counter()  # seconds slots were held, by outcome kind
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._bytes_reserved = 0
+        self._byte_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def max_in_flight(self) -> int:
+        """Downloads allowed to hold a global slot at once (1..max_in_flight_ceiling)."""
+        return self._max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int) -> None:
+        self._max_in_flight = max(1, min(int(value), self.settings.max_in_flight_ceiling))
+        self._grant_slots()  # growing admits waiters now; shrinking lets downloads in flight finish
+
+    @property
+    def bytes_reserved(self) -> int:
+        """Body bytes reserved now by downloads in flight and bodies waiting to decode."""
+        return self._bytes_reserved
 
     async def __aenter__(self) -> ImageFetcher:
         s = self.settings
         limits = httpx.Limits(
-            max_connections=s.connection_pool_size,
+            # never below the slots: a download must not wait for a connection while it holds one
+            max_connections=max(s.connection_pool_size, s.max_in_flight_ceiling),
             max_keepalive_connections=s.connection_pool_size if s.enable_keepalive else 0,
             keepalive_expiry=30.0 if s.enable_keepalive else 0.0,
         )
@@ -213,7 +251,11 @@ class ImageFetcher:
             ),
             follow_redirects=False,  # followed by hand: counted, and each hop validated
             trust_env=False,  # no proxy or netrc from the environment
-            headers={"User-Agent": s.user_agent, "Accept": _ACCEPT, "Accept-Encoding": ACCEPT_ENCODING},
+            headers={
+                "User-Agent": s.user_agent_header,
+                "Accept": _ACCEPT,
+                "Accept-Encoding": ACCEPT_ENCODING,
+            },
         )
         self._executor = ThreadPoolExecutor(
             max_workers=s.image_resize_threads, thread_name_prefix="imgpipe-decode"
@@ -232,6 +274,67 @@ class ImageFetcher:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
+    # -- global slots and the byte budget ----------------------------------------------------------
+
+    async def _take_slot(self) -> None:
+        if self.in_flight < self._max_in_flight and not self._slot_waiters:
+            self.in_flight += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted just as we were cancelled
+                self._give_slot()
+            raise
+
+    def _give_slot(self) -> None:
+        self.in_flight -= 1
+        self._grant_slots()
+
+    def _grant_slots(self) -> None:
+        while self._slot_waiters and self.in_flight < self._max_in_flight:
+            future = self._slot_waiters.popleft()
+            if not future.done():
+                self.in_flight += 1
+                future.set_result(None)
+
+    async def _reserve_bytes(self, nbytes: int, progress: _Progress) -> None:
+        cap = self.settings.body_bytes_in_flight
+        if not self._byte_waiters and self._bytes_reserved + nbytes <= cap:
+            self._bytes_reserved += nbytes
+        else:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._byte_waiters.append((nbytes, future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._bytes_reserved -= nbytes
+                    self._grant_bytes()
+                raise
+        progress.reserved += nbytes
+
+    def _release_bytes(self, progress: _Progress) -> None:
+        if progress.reserved:
+            self._bytes_reserved -= progress.reserved
+            progress.reserved = 0
+            self._grant_bytes()
+
+    def _grant_bytes(self) -> None:
+        cap = self.settings.body_bytes_in_flight
+        while self._byte_waiters:
+            nbytes, future = self._byte_waiters[0]
+            if future.done():
+                self._byte_waiters.popleft()
+                continue
+            if self._bytes_reserved + nbytes > cap:
+                return  # in order: a large body is not starved by small ones
+            self._byte_waiters.popleft()
+            self._bytes_reserved += nbytes
+            future.set_result(None)
+
     # -- one URL ---------------------------------------------------------------------------------
 
     async def fetch(self, url: str, key: Any = None) -> FetchResult:
@@ -239,20 +342,59 @@ class ImageFetcher:
         if self._client is None or self._executor is None:
             raise RuntimeError("ImageFetcher is not open: use 'async with ImageFetcher(settings) as fetcher'")
         result = FetchResult(key=key, url=url, ok=False)
-        started = time.perf_counter()
         try:
-            download = await self._download(url)
+            first = prepare_url(url, self.resolver)
+            # waiting at the host's gate holds no global slot; deferral and unreachability cost nothing
+            admission = await self.hosts.admit(origin_key(first))
         except FetchError as exc:
-            result.error = exc
-            result.http_status = exc.http_status
-            result.download_ms = (time.perf_counter() - started) * 1000.0
-            return result
+            return self._failed(result, exc, 0.0)
+        progress = _Progress(admission)
+        try:
+            try:
+                download, slot_s = await self._download_in_slot(first, progress)
+            except _SlotFailure as failure:
+                return self._failed(result, failure.error, failure.slot_s)
+            return await self._decode(result, download, slot_s)
+        finally:
+            self._release_bytes(progress)
+
+    def _failed(self, result: FetchResult, error: FetchError, slot_s: float) -> FetchResult:
+        result.error = error
+        result.http_status = error.http_status
+        result.download_ms = slot_s * 1000.0
+        self.slot_seconds[error.error_class.value] += slot_s
+        return result
+
+    async def _download_in_slot(self, first: httpx.URL, progress: _Progress) -> tuple[_Download, float]:
+        """Robots check and download while holding a global slot; the host learns how it went."""
+        await self._take_slot()
+        slot_started = time.perf_counter()
+        error: FetchError | None = None
+        try:
+            if self.settings.obey_robots_txt:
+                await self._check_robots(progress.admission.host, first, progress)
+            return await self._download(first, progress), time.perf_counter() - slot_started
+        except FetchError as exc:
+            error = exc
         except Exception as exc:  # a bug must cost one URL, not the run
-            log.exception("unexpected error downloading %s", url)
-            result.error = FetchError(ErrorClass.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            result.download_ms = (time.perf_counter() - started) * 1000.0
-            return result
-        result.download_ms = (time.perf_counter() - started) * 1000.0
+            log.exception("unexpected error downloading %s", first)
+            error = FetchError(ErrorClass.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        finally:
+            slot_s = time.perf_counter() - slot_started
+            self._give_slot()
+            if progress.robots_unavailable:
+                health = "failed"
+            elif progress.answered:
+                health = "answered"
+            elif error is not None and error.error_class in HOST_FAILURES:
+                health = "failed"
+            else:
+                health = "other"
+            self.hosts.release(progress.admission, health=health, failure=error, elapsed_s=slot_s)
+        raise _SlotFailure(error, slot_s)
+
+    async def _decode(self, result: FetchResult, download: _Download, slot_s: float) -> FetchResult:
+        result.download_ms = slot_s * 1000.0
         result.final_url = download.final_url
         result.redirects = download.redirects
         result.http_status = download.status
@@ -268,11 +410,14 @@ class ImageFetcher:
             exc.http_status = download.status
             result.error = exc
             result.decode_ms = (time.perf_counter() - decode_started) * 1000.0
+            self.slot_seconds[exc.error_class.value] += slot_s
             return result
         except Exception as exc:
-            log.exception("unexpected error decoding %s", url)
+            log.exception("unexpected error decoding %s", result.url)
             result.error = FetchError(ErrorClass.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            self.slot_seconds[ErrorClass.INTERNAL_ERROR.value] += slot_s
             return result
+        self.slot_seconds["ok"] += slot_s
         result.ok = True
         result.image_bytes = decoded.image_bytes
         result.format = decoded.format
@@ -282,48 +427,113 @@ class ImageFetcher:
         result.decode_ms = decoded.decode_ms
         return result
 
-    async def _download(self, url: str) -> _Download:
+    async def _send(self, url: httpx.URL, headers: dict[str, str] | None = None) -> httpx.Response:
+        """One request, cut with TTFB_TIMEOUT when no answer comes within ttfb_timeout_s of sending it."""
         assert self._client is not None and self._transport is not None
-        current = prepare_url(url, self.resolver)
         loop = asyncio.get_running_loop()
+        limit_s = self.settings.ttfb_timeout_s
+        first_byte = asyncio.timeout(None)
+
+        async def trace(event: str, info: dict) -> None:
+            if event == _REQUEST_SENT_EVENT:  # connected: from here on the server is thinking
+                first_byte.reschedule(loop.time() + limit_s)
+
+        request = self._client.build_request("GET", url, headers=headers, extensions={"trace": trace})
+        try:
+            async with first_byte:
+                # straight to the transport: the client would parse a hostile Location header itself
+                # (and fail on spellings we must classify); redirects are ours to follow
+                response = await self._transport.handle_async_request(request)
+        except TimeoutError as exc:
+            if first_byte.expired():
+                raise FetchError(ErrorClass.TTFB_TIMEOUT, f"no answer within {limit_s}s of the request") from exc
+            raise
+        response.request = request
+        return response
+
+    async def _download(self, first: httpx.URL, progress: _Progress) -> _Download:
+        current = first
         redirects = 0
         deadline_s = self.settings.prefetch_download_timeout
         try:
-            # the clock starts once the first host slot is ours: queueing behind a busy host is not
-            # the download's fault; everything after (redirects, other hosts, body) is inside it
-            async with asyncio.timeout(None) as deadline:
+            # the clock starts once a global slot is ours: waiting for a busy host is not the
+            # download's fault; everything after (redirects, other hosts, body) is inside it
+            async with asyncio.timeout(deadline_s):
                 while True:
-                    async with self._host_slots.hold(current.host):
-                        if deadline.when() is None:
-                            deadline.reschedule(loop.time() + deadline_s)
-                        request = self._client.build_request("GET", current)
-                        # straight to the transport: the client would parse a hostile Location header
-                        # itself (and fail on spellings we must classify), redirects are ours to follow
-                        response = await self._transport.handle_async_request(request)
-                        response.request = request
-                        try:
-                            location = response.headers.get("location")
-                            if response.status_code in _REDIRECT_STATUSES and location:
-                                redirects += 1
-                                if redirects > self.settings.max_redirects:
-                                    raise FetchError(
-                                        ErrorClass.TOO_MANY_REDIRECTS,
-                                        f"more than {self.settings.max_redirects} redirects",
-                                        http_status=response.status_code,
-                                    )
-                                current = prepare_url(
-                                    urllib.parse.urljoin(str(current), location), self.resolver
+                    response = await self._send(current)
+                    if redirects == 0:
+                        self._answered(progress, response.status_code)
+                    try:
+                        location = response.headers.get("location")
+                        if response.status_code in _REDIRECT_STATUSES and location:
+                            redirects += 1
+                            if redirects > self.settings.max_redirects:
+                                raise FetchError(
+                                    ErrorClass.TOO_MANY_REDIRECTS,
+                                    f"more than {self.settings.max_redirects} redirects",
+                                    http_status=response.status_code,
                                 )
-                                continue
-                            return await self._read_image_response(response, redirects)
-                        finally:
-                            await response.aclose()
+                            current = prepare_url(urllib.parse.urljoin(str(current), location), self.resolver)
+                            continue
+                        return await self._read_image_response(response, redirects, progress)
+                    finally:
+                        await response.aclose()
         except TimeoutError as exc:
             raise FetchError(ErrorClass.DEADLINE, f"download exceeded its {deadline_s}s deadline") from exc
         except httpx.HTTPError as exc:
             raise classify_transport_error(exc) from exc
 
-    async def _read_image_response(self, response: httpx.Response, redirects: int) -> _Download:
+    def _answered(self, progress: _Progress, status: int, *, robots: bool = False) -> None:
+        progress.answered = True
+        self.hosts.answered(progress.admission, status=status, robots=robots)
+
+    async def _check_robots(self, host: HostState, first: httpx.URL, progress: _Progress) -> None:
+        if host.robots is None:
+            host.robots = await self._fetch_robots(first, progress)
+            self.hosts.keep(host)
+        if not host.robots.allows(str(first)):
+            raise FetchError(ErrorClass.ROBOTS_DISALLOWED, f"robots.txt of {first.host} disallows this URL")
+
+    async def _fetch_robots(self, first: httpx.URL, progress: _Progress) -> RobotsRules:
+        """The host's robots.txt rules (see robots.py for what each answer means)."""
+        settings = self.settings
+        url = httpx.URL(f"{first.scheme}://{first.netloc.decode('ascii')}/robots.txt")
+        try:
+            async with asyncio.timeout(settings.prefetch_download_timeout):
+                for hop in range(settings.max_redirects + 1):
+                    response = await self._send(url, headers={"Accept": "text/plain", "Accept-Encoding": "identity"})
+                    if hop == 0:
+                        self._answered(progress, response.status_code, robots=True)
+                    try:
+                        status = response.status_code
+                        location = response.headers.get("location")
+                        if status in _REDIRECT_STATUSES and location:
+                            url = prepare_url(urllib.parse.urljoin(str(url), location), self.resolver)
+                            continue
+                        if 200 <= status < 300:
+                            body = bytearray()
+                            async for chunk in response.aiter_raw():
+                                body += chunk
+                                if len(body) >= settings.robots_max_bytes:
+                                    break
+                            truncated = len(body) >= settings.robots_max_bytes
+                            return RobotsRules.from_body(bytes(body[: settings.robots_max_bytes]), truncated=truncated)
+                        if status == 429 or status >= 500:
+                            progress.robots_unavailable = True
+                            error = _status_error(response)
+                            assert error is not None
+                            error.message = f"robots.txt answered HTTP {status}"
+                            raise error
+                        return RobotsRules(None)  # 4xx: no rules
+                    finally:
+                        await response.aclose()
+                return RobotsRules(None)  # a redirect loop: treated as no robots.txt (RFC 9309 §2.3.1.2)
+        except TimeoutError as exc:
+            raise FetchError(ErrorClass.DEADLINE, "robots.txt took longer than the download deadline") from exc
+        except httpx.HTTPError as exc:
+            raise classify_transport_error(exc) from exc
+
+    async def _read_image_response(self, response: httpx.Response, redirects: int, progress: _Progress) -> _Download:
         settings = self.settings
         error = _status_error(response)
         if error is not None:
@@ -335,24 +545,50 @@ class ImageFetcher:
                     ErrorClass.OPTED_OUT, f"X-Robots-Tag: {directive}", http_status=response.status_code
                 )
         declared = response.headers.get("content-length")
-        if declared and declared.strip().isdigit() and int(declared) > settings.max_bytes:
+        declared_bytes = int(declared) if declared and declared.strip().isdigit() else None
+        if declared_bytes is not None and declared_bytes > settings.max_bytes:
             raise FetchError(
                 ErrorClass.TOO_LARGE,
-                f"Content-Length {int(declared)} exceeds {settings.max_bytes} bytes",
+                f"Content-Length {declared_bytes} exceeds {settings.max_bytes} bytes",
                 http_status=response.status_code,
             )
-        decoder = BoundedBodyDecoder(response.headers.get("content-encoding"), settings.max_bytes)
+        encoding = response.headers.get("content-encoding")
+        # a body we know the size of reserves that; an unknown or encoded one the most it may become
+        known = declared_bytes is not None and (not encoding or encoding.strip().lower() == "identity")
+        await self._reserve_bytes(declared_bytes if known else settings.max_bytes, progress)
+        decoder = BoundedBodyDecoder(encoding, settings.max_bytes)
         body = bytearray()
         sniffed = False
+        loop = asyncio.get_running_loop()
+        min_rate = settings.min_transfer_rate_bps
+        body_started = loop.time()
+        too_slow = asyncio.timeout(None)
+
+        def allow_until(received: int) -> None:
+            # the body must have averaged min_rate since its headers once the grace period is over
+            if min_rate > 0:
+                too_slow.reschedule(body_started + max(settings.min_rate_grace_s, received / min_rate))
+
         try:
-            async for chunk in response.aiter_raw():
-                if decoder.raw_bytes + len(chunk) > settings.max_bytes:
-                    raise FetchError(ErrorClass.TOO_LARGE, f"body exceeds {settings.max_bytes} bytes")
-                body += decoder.feed(chunk)
-                if not sniffed and len(body) >= SNIFF_BYTES:
-                    sniffed = True
-                    self._check_signature(body)
+            async with too_slow:
+                allow_until(0)
+                async for chunk in response.aiter_raw():
+                    if decoder.raw_bytes + len(chunk) > settings.max_bytes:
+                        raise FetchError(ErrorClass.TOO_LARGE, f"body exceeds {settings.max_bytes} bytes")
+                    body += decoder.feed(chunk)
+                    allow_until(decoder.raw_bytes)
+                    if not sniffed and len(body) >= SNIFF_BYTES:
+                        sniffed = True
+                        self._check_signature(body)
             body += decoder.flush()
+        except TimeoutError as exc:
+            if too_slow.expired():
+                raise FetchError(
+                    ErrorClass.TOO_SLOW,
+                    f"{decoder.raw_bytes} bytes in {loop.time() - body_started:.1f}s, under {min_rate:.0f} B/s",
+                    http_status=response.status_code,
+                ) from exc
+            raise
         except FetchError as exc:
             exc.http_status = response.status_code
             raise
@@ -374,37 +610,53 @@ class ImageFetcher:
 
     # -- many URLs -------------------------------------------------------------------------------
 
+    def _lookahead(self) -> int:
+        # URLs taken from the input and not yet handed out: twice the slots, so URLs waiting at a busy
+        # host's gate do not leave slots idle while other hosts' URLs could run
+        return 2 * self._max_in_flight
+
     async def stream(
         self, items: Iterable[tuple[Any, str]] | AsyncIterable[tuple[Any, str]]
     ) -> AsyncIterator[FetchResult]:
-        """Fetch every (key, url) with bounded concurrency; one result per item, in completion order."""
+        """Fetch every (key, url) with up to ``max_in_flight`` in flight; one result per item, in
+        completion order. At most twice ``max_in_flight`` items are taken from the input ahead of the
+        results handed out (plus the results queue)."""
         settings = self.settings
-        workers = settings.prefetch_concurrent_downloads if settings.enable_prefetch else 1
         queue_size = settings.prefetch_queue_size if settings.enable_prefetch else 1
         results: asyncio.Queue[FetchResult | _Done] = asyncio.Queue(maxsize=queue_size)
         source = _SharedSource(items)
+        room = asyncio.Event()
+        pending = 0
 
-        async def worker() -> None:
-            while True:
-                item = await source.next()
-                if item is None:
-                    return
-                key, url = item
+        async def one(key: Any, url: str) -> None:
+            nonlocal pending
+            try:
                 await results.put(await self.fetch(url, key=key))
+            finally:
+                pending -= 1
+                room.set()
 
-        async def run_workers() -> None:
+        async def intake() -> None:
+            nonlocal pending
             failure: BaseException | None = None
             try:
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(workers):
-                        group.create_task(worker())
+                    while True:
+                        while pending >= self._lookahead():
+                            room.clear()
+                            await room.wait()
+                        item = await source.next()
+                        if item is None:
+                            break
+                        pending += 1
+                        group.create_task(one(*item))
             except asyncio.CancelledError:
                 raise
             except BaseExceptionGroup as group_error:  # the input iterator failed
                 failure = group_error.exceptions[0] if len(group_error.exceptions) == 1 else group_error
             await results.put(_Done(failure))
 
-        runner = asyncio.create_task(run_workers())
+        runner = asyncio.create_task(intake())
         try:
             while True:
                 item = await results.get()
@@ -420,6 +672,15 @@ class ImageFetcher:
                     await runner
                 except asyncio.CancelledError:
                     pass
+
+
+class _SlotFailure(Exception):
+    """A download that failed while holding a slot, with how long it held it."""
+
+    def __init__(self, error: FetchError | None, slot_s: float) -> None:
+        super().__init__(str(error))
+        self.error = error or FetchError(ErrorClass.INTERNAL_ERROR, "download ended without a result")
+        self.slot_s = slot_s
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imgpipe_dagster.testing.image_server import ImageServer
+from imgpipe_dagster_tests.web.image_server import ImageServer
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from imgpipe_dagster.fetch import ErrorClass, FetchResult, FetchSettings, ImageFetcher
-from imgpipe_dagster.testing.image_server import ImageServer, fault_test_settings
+from imgpipe_dagster_tests.web.image_server import ImageServer, fault_test_settings
 
 # spellings of loopback that reach the test server when loopback is allowed, and are refused by default
 LOOPBACK_SPELLINGS = [

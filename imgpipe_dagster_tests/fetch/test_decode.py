@@ -12,7 +12,7 @@ from PIL import Image
 from imgpipe_dagster.fetch import ErrorClass, FetchError, FetchSettings
 from imgpipe_dagster.fetch.decode import decode_image, perceptual_hash, sniff_format, target_size
 from imgpipe_dagster.paths import resource_path
-from imgpipe_dagster.testing.image_server import ImageServer
+from imgpipe_dagster_tests.web.image_server import ImageServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

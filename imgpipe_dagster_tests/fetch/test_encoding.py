@@ -12,7 +12,7 @@ import pytest
 from imgpipe_dagster.fetch import ErrorClass, FetchError
 from imgpipe_dagster.fetch.encoding import BoundedBodyDecoder
 from imgpipe_dagster.paths import resource_path
-from imgpipe_dagster.testing.image_server import ImageServer
+from imgpipe_dagster_tests.web.image_server import ImageServer
 
 CAP = 4 * 1024 * 1024
 PAYLOAD = resource_path("sample_images/coffee.png").read_bytes()

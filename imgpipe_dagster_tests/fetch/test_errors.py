@@ -27,7 +27,16 @@ REQUIRED = {
     "OPTED_OUT": False,
     "TOO_MANY_REDIRECTS": False,
     "INVALID_URL": False,
+    "TTFB_TIMEOUT": True,
+    "TOO_SLOW": True,
+    "HOST_DEFERRED": True,
+    "ROBOTS_DISALLOWED": False,
+    "HOST_UNREACHABLE": False,
 }
+
+
+def test_only_a_deferral_spends_no_attempt() -> None:
+    assert [c for c in ErrorClass if not c.spends_attempt] == [ErrorClass.HOST_DEFERRED]
 
 
 @pytest.mark.parametrize(("name", "retryable"), sorted(REQUIRED.items()))

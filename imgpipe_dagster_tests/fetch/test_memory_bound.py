@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from imgpipe_dagster.fetch import ErrorClass
-from imgpipe_dagster.testing.image_server import ImageServer
+from imgpipe_dagster_tests.web.image_server import ImageServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

@@ -15,7 +15,7 @@ import pytest
 
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
 from imgpipe_dagster.fetch.errors import ErrorClass
-from imgpipe_dagster.testing.image_server import fault_test_settings
+from imgpipe_dagster_tests.web.image_server import fault_test_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
 

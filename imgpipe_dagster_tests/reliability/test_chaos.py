@@ -33,9 +33,9 @@ from imgpipe_dagster.gpu_server.settings import ServerSettings
 from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store.verify import verify
-from imgpipe_dagster.testing.image_server import ImageServer
 from imgpipe_dagster_tests.reliability.chaos_worker import WORKER_OVERRIDES, chaos_engine_settings
 from imgpipe_dagster_tests.support import free_port_pair, seed_corpus
+from imgpipe_dagster_tests.web.image_server import ImageServer
 
 pytestmark = pytest.mark.slow
 

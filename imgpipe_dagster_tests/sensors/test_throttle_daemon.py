@@ -52,9 +52,9 @@ def test_the_throttle_alone_drives_two_shards_to_completion(
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
     from imgpipe_dagster.profiles import resolve
     from imgpipe_dagster.resources import GpuModelResource
-    from imgpipe_dagster.testing.image_server import photo_names
     from imgpipe_dagster_tests.sensors.daemon_defs import GPU_PORT_ENV
     from imgpipe_dagster_tests.sensors.support import closed_port
+    from imgpipe_dagster_tests.web.image_server import photo_names
 
     # The runs' managed GPU server uses the tiny model under IMGPIPE_HOME: build it once, up front.
     shutil.copytree(tiny_model_dir, imgpipe_home / "models" / "tiny-qwen2-vl")

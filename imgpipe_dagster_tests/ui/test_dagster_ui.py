@@ -104,7 +104,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def image_server_module():
-    from imgpipe_dagster.testing.image_server import ImageServer
+    from imgpipe_dagster_tests.web.image_server import ImageServer
 
     with ImageServer() as server:
         yield server

@@ -1,10 +1,10 @@
-"""A real HTTP image server on 127.0.0.1 for tests, benchmarks and demos.
+"""A real HTTP image server on loopback for tests and benchmarks (the demo has its own, smaller one).
 
 It serves the real photographs in ``resources/sample_images/`` (see the README there for their
 licences) in many sizes and formats, and every fault the fetch stage must classify. Start it
 in-process (``with ImageServer() as server: ...``, a pytest fixture) or as a process::
 
-    python -m imgpipe_dagster.testing.image_server --port 8765
+    python -m imgpipe_dagster_tests.web.image_server --port 8765
 
 URL scheme (all paths are GET; unknown paths answer 404)
 ---------------------------------------------------------
@@ -35,9 +35,12 @@ Faults (``/fault/<kind>``), with the :class:`ErrorClass` each must produce under
 ==========================================  ============================================================
 path                                        behaviour → expected class
 ==========================================  ============================================================
-/fault/slow-headers?delay=30                accepts, sends nothing for ``delay`` s → READ_TIMEOUT
-/fault/trickle?interval=0.1                 a real JPEG, one byte every ``interval`` s → DEADLINE
-/fault/trickle-headers?interval=0.1         endless headers, one byte every ``interval`` s → DEADLINE
+/fault/slow-headers?delay=30                accepts, sends nothing for ``delay`` s → TTFB_TIMEOUT
+/fault/trickle?interval=0.1[&bps=160]       a real JPEG, one byte every ``interval`` s (or ``bps``
+                                            bytes/s, sent ten times a second) → TOO_SLOW
+/fault/trickle?bps=8192&photo=retina        a 229 kB photo at 8 KiB/s (above the minimum rate) → DEADLINE
+/fault/trickle-headers?interval=0.1         endless headers, one byte every ``interval`` s → TTFB_TIMEOUT
+/fault/stall                                headers and half a JPEG, then silence → READ_TIMEOUT
 /fault/reset                                half the body, then a TCP reset → RESET
 /fault/close-early                          half the body, then a clean close → RESET
 /fault/truncated-jpeg                       complete response of a JPEG cut at 60 % → UNDECODABLE
@@ -57,6 +60,7 @@ path                                        behaviour → expected class
 /fault/noai, /fault/noimageai               a real JPEG with X-Robots-Tag: noai / noimageai → OPTED_OUT
 /fault/gzip-ok, /fault/br-ok                a real JPEG behind gzip / br Content-Encoding → ok
 /fault/png-as-jpeg                          a real PNG labelled image/jpeg → ok, format PNG
+/private/<any path above>                   the same, but robots.txt disallows it → ROBOTS_DISALLOWED
 ==========================================  ============================================================
 
 Faults that are not paths: ``server.connect_timeout_url`` (a listener whose accept queue is full:
@@ -73,6 +77,7 @@ import collections
 import io
 import itertools
 import math
+import random
 import signal
 import socket
 import struct
@@ -81,7 +86,8 @@ import time
 import urllib.parse
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -138,14 +144,19 @@ def fault_test_settings(**overrides) -> FetchSettings:
     """Fetch settings under which every :meth:`ImageServer.fault_cases` expectation holds.
 
     Loopback is allowed (the server lives there), deadlines are short so faults end quickly yet leave
-    room for a loaded machine, and the read timeout (2 s) sits between the trickle interval (0.1 s)
-    and the total deadline (6 s); slow headers wait 30 s, far past both.
+    room for a loaded machine: no answer within 2 s is TTFB_TIMEOUT, a body silent for 3 s is
+    READ_TIMEOUT, a body under 2 KiB/s after 2 s is TOO_SLOW, all before the 6 s deadline; slow headers
+    wait 30 s, far past all of them. One host here serves hundreds of test URLs, so its request rate
+    is not limited (tests of the rate set it) and breaker probes come after 0.5 s.
     """
     settings = FetchSettings(
         allowed_networks=["127.0.0.0/8"],
         prefetch_download_timeout=6.0,
         connect_timeout_s=1.0,
-        read_timeout_s=2.0,
+        ttfb_timeout_s=2.0,
+        read_timeout_s=3.0,
+        per_host_requests_per_s=10_000.0,
+        host_probe_interval_s=0.5,
         dns_timeout_s=2.0,
         max_bytes=8 * 1024 * 1024,
         max_image_pixels=40_000_000,
@@ -159,9 +170,12 @@ def fault_test_settings(**overrides) -> FetchSettings:
 
 # (kind, path, expected class under fault_test_settings()) of every fault served under /fault/
 _PATH_FAULTS: list[tuple[str, str, ErrorClass]] = [
-    ("slow-headers", "/fault/slow-headers?delay=30", ErrorClass.READ_TIMEOUT),
-    ("trickle", "/fault/trickle?interval=0.1", ErrorClass.DEADLINE),
-    ("trickle-headers", "/fault/trickle-headers?interval=0.1", ErrorClass.DEADLINE),
+    ("slow-headers", "/fault/slow-headers?delay=30", ErrorClass.TTFB_TIMEOUT),
+    ("trickle", "/fault/trickle?interval=0.1", ErrorClass.TOO_SLOW),
+    ("trickle-headers", "/fault/trickle-headers?interval=0.1", ErrorClass.TTFB_TIMEOUT),
+    # 8 KiB/s clears the minimum rate, but a 229 kB photo needs 28 s: the total deadline cuts it
+    ("slow-body", "/fault/trickle?bps=8192&photo=retina", ErrorClass.DEADLINE),
+    ("stall", "/fault/stall", ErrorClass.READ_TIMEOUT),
     ("reset", "/fault/reset", ErrorClass.RESET),
     ("close-early", "/fault/close-early", ErrorClass.RESET),
     ("truncated-jpeg", "/fault/truncated-jpeg", ErrorClass.UNDECODABLE),
@@ -191,6 +205,7 @@ _PATH_FAULTS: list[tuple[str, str, ErrorClass]] = [
     ("status-403", "/fault/status/403", ErrorClass.HTTP_4XX),
     ("noai", "/fault/noai", ErrorClass.OPTED_OUT),
     ("noimageai", "/fault/noimageai", ErrorClass.OPTED_OUT),
+    ("robots-disallowed", "/private/img/rocket.jpg", ErrorClass.ROBOTS_DISALLOWED),
 ]
 # faults that are not paths of this server (see ImageServer.fault_cases)
 _OTHER_FAULT_KINDS = (
@@ -232,21 +247,29 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.server.owner._track(self.connection, add=True)
         self.server.owner.connections_opened += 1
+        self.server.owner.meter.connection(+1)
 
     def finish(self) -> None:
         try:
             super().finish()
         finally:
             self.server.owner._track(self.connection, add=False)
+            self.server.owner.meter.connection(-1)
 
     def do_GET(self) -> None:
         owner = self.server.owner
         parts = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
         path = parts.path
+        if path.startswith("/private/"):  # the same content under a path a robots.txt may disallow
+            path = path[len("/private") :]
         owner._request_started(self.headers.get("Host", ""), self.path, self.headers.get("User-Agent", ""))
         try:
-            if path.startswith("/img/"):
+            if path == "/robots.txt":
+                self._robots()
+            elif owner.behaviour != "ok":
+                self._host_fault(owner.behaviour)
+            elif path.startswith("/img/"):
                 self._photo(path[len("/img/") :], query)
             elif path.startswith("/fault/"):
                 self._fault(path[len("/fault/") :], query)
@@ -258,6 +281,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             owner._request_finished()
+
+    # -- the host as a whole -----------------------------------------------------------------------
+
+    def _robots(self) -> None:
+        owner = self.server.owner
+        if owner.robots_txt is None:
+            self._send(404, b"no robots.txt", "text/plain")
+        else:
+            self._send(200, owner.robots_txt.encode(), "text/plain")
+
+    def _host_fault(self, behaviour: str) -> None:
+        owner = self.server.owner
+        if behaviour == "hang":
+            self._stopped(3600)
+            self.close_connection = True
+        elif behaviour in ("throttle", "unavailable"):
+            code = 429 if behaviour == "throttle" else 503
+            self._send(code, b"slow down", "text/plain", {"Retry-After": str(owner.retry_after)})
+        elif behaviour == "trickle":
+            self._fault_trickle({"bps": "160"})
+        elif behaviour == "reset":
+            self._half_then(reset=True)
+        else:
+            raise ValueError(f"unknown host behaviour {behaviour!r}")
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -295,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
         variant = query.get("variant", "")
         if "delay" in query and self._stopped(float(query["delay"])):
             return
+        if self.server.owner.latency_s > 0 and self._stopped(self.server.owner.next_latency()):
+            return
         try:
             body = self.server.owner.photo_bytes(name, fmt, width, variant)
         except ValueError as exc:
@@ -322,16 +371,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fault_trickle(self, query: dict[str, str]) -> None:
         interval = float(query.get("interval", "0.1"))
-        body = self.server.owner.photo_bytes("rocket", "JPEG", 320, "")
+        step = 1
+        if "bps" in query:  # bytes per second, sent in ten portions a second
+            step, interval = max(1, round(float(query["bps"]) / 10)), 0.1
+        photo = query.get("photo", "rocket")
+        if photo not in self.server.owner.photos:
+            self._send(404, b"no such photo", "text/plain")
+            return
+        body = self.server.owner.photo_bytes(photo, "JPEG", 320 if photo == "rocket" else None, "")
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.close_connection = True
-        for index in range(len(body)):
-            self.wfile.write(body[index : index + 1])
+        for index in range(0, len(body), step):
+            self.wfile.write(body[index : index + step])
             if self._stopped(interval):
                 return
+
+    def _fault_stall(self, query: dict[str, str]) -> None:
+        self._half_then(reset=False, silence_s=float(query.get("delay", "30")))
 
     def _fault_trickle_headers(self, query: dict[str, str]) -> None:
         interval = float(query.get("interval", "0.1"))
@@ -342,7 +401,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self._stopped(interval):
                 return
 
-    def _half_then(self, reset: bool) -> None:
+    def _half_then(self, reset: bool, silence_s: float = 0.0) -> None:
+        """Half of a JPEG, then (after ``silence_s`` of silence) a reset or a clean close."""
         body = self.server.owner.photo_bytes("chelsea", "JPEG", None, "")
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
@@ -350,6 +410,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body[: len(body) // 2])
         self.close_connection = True
+        if silence_s:
+            self.wfile.flush()
+            self._stopped(silence_s)
         if reset:
             # SO_LINGER with a zero timeout turns close() into a TCP RST
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -471,12 +534,76 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-class ImageServer:
-    """The server; ``with ImageServer() as s`` starts it on a free port and stops it on exit."""
+class Meter:
+    """Requests and connections counted across one or many servers (pass one Meter to several)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0
+        self.connections = 0  # TCP connections open now
+        self.max_connections = 0
+
+    def request(self, delta: int) -> None:
+        with self._lock:
+            self.requests += max(delta, 0)
+            self.in_flight += delta
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def connection(self, delta: int) -> None:
+        with self._lock:
+            self.connections += delta
+            self.max_connections = max(self.max_connections, self.connections)
+
+
+# what every server answers at /robots.txt unless told otherwise: /private/ (which serves the same
+# content as /) is off limits to every crawler
+DEFAULT_ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
+HOST_BEHAVIOURS = ("ok", "hang", "throttle", "unavailable", "trickle", "reset")
+
+
+class ImageServer:
+    """The server; ``with ImageServer() as s`` starts it on a free port and stops it on exit.
+
+    One server is one web host. ``host``: its loopback address (any 127.x.y.z: many hosts, one
+    machine). ``robots_txt``: served at /robots.txt (None: 404; the default disallows
+    /private/, where the same content as / is served). ``behaviour`` of every request but
+    /robots.txt: "ok" (the URL scheme above), "hang" (no answer, ever), "throttle" (429) or
+    "unavailable" (503), both with ``Retry-After: retry_after``, "trickle" (every body at 160 B/s) or
+    "reset" (half of every body, then a TCP reset). ``latency_s``: seconds before a photo is
+    answered, the median of a lognormal of ``latency_sigma`` drawn from ``random.Random(seed)``
+    (sigma 0: always ``latency_s``). :meth:`go_down` closes the port
+    (connects are refused) and :meth:`come_back` opens the same address and port again. ``meter``
+    counts requests and connections, shared by several servers when given; ``request_log`` keeps
+    (time.monotonic(), path) of every request.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        robots_txt: str | None = DEFAULT_ROBOTS_TXT,
+        behaviour: str = "ok",
+        retry_after: int = 1,
+        latency_s: float = 0.0,
+        latency_sigma: float = 0.0,
+        seed: int = 0,
+        meter: Meter | None = None,
+    ) -> None:
+        if behaviour not in HOST_BEHAVIOURS:
+            raise ValueError(f"behaviour must be one of {HOST_BEHAVIOURS}, got {behaviour!r}")
         self.host = host
         self._requested_port = port
+        self.robots_txt = robots_txt
+        self.behaviour = behaviour
+        self.retry_after = retry_after
+        self.meter = meter or Meter()
+        self.latency_s = latency_s
+        self.latency_sigma = latency_sigma
+        self._latency_random = random.Random(seed)
+        self.request_log: collections.deque[tuple[float, str]] = collections.deque(maxlen=100_000)
         self.photos = {p.stem: p for p in photo_dir().iterdir() if p.suffix.lower() in (".jpg", ".png")}
         self.requests = 0  # requests received
         self.connections_opened = 0  # TCP connections accepted (keep-alive reuse keeps this low)
@@ -497,20 +624,41 @@ class ImageServer:
         self._blackhole: socket.socket | None = None
         self._blackhole_fillers: list[socket.socket] = []
         self._refused_port: int | None = None
+        self._port: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> ImageServer:
-        self._server = _Server((self.host, self._requested_port), _Handler, self)
+        self._listen(self._requested_port)
+        self._open_blackhole()
+        return self
+
+    def _listen(self, port: int) -> None:
+        self._server = _Server((self.host, port), _Handler, self)
+        self._port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="image-server", daemon=True
         )
         self._thread.start()
-        self._open_blackhole()
-        return self
+
+    def go_down(self) -> None:
+        """Close the port and every open connection: the host is dead (connects are refused)."""
+        self._close_listener()
+
+    def come_back(self) -> None:
+        """Listen again on the same address and port."""
+        assert self._server is None, "the server is up"
+        self._listen(self._port)
 
     def stop(self) -> None:
         self._stop.set()
+        self._close_listener()
+        for sock in [self._blackhole, *self._blackhole_fillers]:
+            if sock is not None:
+                sock.close()
+        self._blackhole, self._blackhole_fillers = None, []
+
+    def _close_listener(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -522,10 +670,6 @@ class ImageServer:
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for sock in [self._blackhole, *self._blackhole_fillers]:
-            if sock is not None:
-                sock.close()
-        self._blackhole, self._blackhole_fillers = None, []
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -543,13 +687,22 @@ class ImageServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.recent.append((host, path))
+            self.request_log.append((time.monotonic(), path))
+        self.meter.request(+1)
 
     def _request_finished(self) -> None:
         with self._counter_lock:
             self.in_flight -= 1
+        self.meter.request(-1)
+
+    def next_latency(self) -> float:
+        """Seconds the next photo waits (see ``latency_s``)."""
+        with self._counter_lock:
+            return self.latency_s * math.exp(self.latency_sigma * self._latency_random.gauss(0.0, 1.0))
 
     def reset_counters(self) -> None:
         with self._counter_lock:
+            self.request_log.clear()
             self.requests = 0
             self.connections_opened = 0
             self.max_in_flight = self.in_flight
@@ -586,8 +739,8 @@ class ImageServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "server not started"
-        return self._server.server_address[1]
+        assert self._port is not None, "server not started"
+        return self._port
 
     @property
     def base_url(self) -> str:
@@ -847,6 +1000,23 @@ class ImageServer:
             return b"".join(parts)
 
         return self._cached(("brotli_bomb",), build)
+
+
+def loopback_address(index: int) -> str:
+    """The ``index``-th address of the test web: 127.0.1.1, 127.0.1.2, … (250 per /24, from 127.0.1.0)."""
+    return f"127.0.{1 + index // 250}.{1 + index % 250}"
+
+
+@contextmanager
+def web_hosts(count: int, *, first: int = 0, meter: Meter | None = None, **options) -> Iterator[list[ImageServer]]:
+    """``count`` servers on distinct loopback addresses (``loopback_address(first + i)``), port 0,
+    sharing one :class:`Meter`; ``options`` are :class:`ImageServer` keywords for all of them."""
+    meter = meter or Meter()
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(ImageServer(loopback_address(first + i), meter=meter, **options))
+            for i in range(count)
+        ]
 
 
 def photo_url(

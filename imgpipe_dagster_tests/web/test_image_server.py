@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from imgpipe_dagster.testing.image_server import ImageServer, good_photo_urls, photo_names
 from imgpipe_dagster_tests.support import free_port
+from imgpipe_dagster_tests.web.image_server import ImageServer, good_photo_urls, photo_names
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -75,7 +75,7 @@ def test_unknown_paths_and_photos_are_404(image_server: ImageServer) -> None:
 def test_runs_as_a_command_and_stops_cleanly() -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster.testing.image_server", "--port", str(port)],
+        [sys.executable, "-m", "imgpipe_dagster_tests.web.image_server", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
