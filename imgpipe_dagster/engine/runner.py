@@ -64,7 +64,6 @@ class DownloadFigures:
         self.in_flight_sum = 0
         self.in_flight_peak = 0
         self.limit_peak = 0
-        self.slot_seconds: Counter = Counter()  # used while the fetcher keeps no count of its own
         self.completed = 0  # downloads finished
         self.images_to_gpu = 0
         self.body_bytes = 0
@@ -133,6 +132,7 @@ class ShardRunner:
         self.writer: OutcomeWriter | None = None
         self.router: Router | None = None
         self.fetcher: ImageFetcher | None = None
+        self.slot_seconds: Counter = Counter()  # seconds download slots were held, by outcome kind
         self.router_snapshot: dict = {}
         self.clients: dict[str, GpuClient] = {}
         # leased URLs for the fetcher: retries ahead of fresh URLs, the end marker after both
@@ -186,7 +186,7 @@ class ShardRunner:
         summary = self.stats.summary()
         summary["final_state_counts"] = counts
         summary["router"] = self.router_snapshot
-        summary["downloads"] = self.downloads.summary(ended_at, self._slot_seconds(), self.in_flight)
+        summary["downloads"] = self.downloads.summary(ended_at, self.slot_seconds, self.in_flight)
         summary["waiting_for_retry"] = {
             "urls": self.leftover.waiting,
             "next_due_at": self.leftover.next_due_at.isoformat() if self.leftover.next_due_at else None,
@@ -219,7 +219,8 @@ class ShardRunner:
         try:
             async with ImageFetcher(self.settings.fetch) as fetcher:
                 self.fetcher = fetcher
-                _set_fetcher_limit(fetcher, self.in_flight.limit)
+                self.slot_seconds = fetcher.slot_seconds  # kept for the summary after the fetcher closes
+                fetcher.max_in_flight = self.in_flight.limit
                 background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._progress_loop()),
                               asyncio.create_task(self.writer.flush_every(1.0)),
                               asyncio.create_task(self._size_downloads())]  # fmt: skip
@@ -315,7 +316,6 @@ class ShardRunner:
                 self.stats.sample(self.stats.download_ms, result.download_ms)
                 seconds = (result.download_ms or 0) / 1000
                 self.stats.stage_s["fetch"] += seconds
-                self.downloads.slot_seconds[_outcome_kind(result)] += seconds
                 self.downloads.completed += 1
                 if result.ok:
                     self.downloads.body_bytes += result.bytes or 0
@@ -421,11 +421,6 @@ class ShardRunner:
 
     # ------------------------------------------------------------------ upkeep
 
-    def _slot_seconds(self) -> Counter:
-        # TODO(merge webfetch): the fetcher counts slot seconds itself; drop the engine's own count then
-        counted = getattr(self.fetcher, "slot_seconds", None) if self.fetcher else None
-        return counted if counted else self.downloads.slot_seconds
-
     async def _size_downloads(self) -> None:
         """Every interval: the downloads in flight the work needs (engine/inflight.py), given to the fetcher."""
         interval = self.settings.run.in_flight_interval_s
@@ -434,15 +429,15 @@ class ShardRunner:
             fetcher = self.fetcher
             if fetcher is None:
                 continue
-            in_flight = getattr(fetcher, "in_flight", None)  # TODO(merge webfetch): always there
+            in_flight = fetcher.in_flight
             sample = Sample(
                 at=time.monotonic(), urls_completed=self.downloads.completed,
-                slot_seconds=sum(self._slot_seconds().values()), images_to_gpu=self.downloads.images_to_gpu,
+                slot_seconds=sum(self.slot_seconds.values()), images_to_gpu=self.downloads.images_to_gpu,
                 body_bytes=self.downloads.body_bytes, in_flight=in_flight,
                 gpu_queue_fill=self.images.qsize() / max(self.images.maxsize, 1),
             )  # fmt: skip
             limit = await asyncio.to_thread(self.in_flight.step, sample)  # the budget reads a few small files
-            _set_fetcher_limit(fetcher, limit)
+            fetcher.max_in_flight = limit
             self.downloads.sample(in_flight, limit)
 
     async def _heartbeat(self) -> None:
@@ -463,23 +458,11 @@ class ShardRunner:
             release_free_memory()  # keeps a long run's RSS flat (see host_memory.py)
 
 
-def _outcome_kind(result: FetchResult) -> str:
-    return "ok" if result.ok else (result.error.error_class.value if result.error else "unknown")
-
-
-def _set_fetcher_limit(fetcher: ImageFetcher, limit: int) -> None:
-    # TODO(merge webfetch): ImageFetcher.max_in_flight is theirs; then this is a plain assignment
-    fetcher.max_in_flight = limit
-
-
 def _in_flight_bounds(settings: EngineSettings) -> InFlightBounds:
     run, fetch = settings.run, settings.fetch
-    # TODO(merge webfetch): their FetchSettings ceiling and byte cap, by name
-    fetch_ceiling = getattr(fetch, "max_downloads_in_flight", None)
-    byte_cap = getattr(fetch, "max_bytes_in_flight", None)
     if not fetch.enable_prefetch:
         return InFlightBounds(floor=1, ceiling=1)
-    floor = fetch.prefetch_concurrent_downloads
-    ceiling = max(floor, min(run.max_downloads_in_flight, fetch_ceiling or run.max_downloads_in_flight))
-    return InFlightBounds(floor=floor, ceiling=ceiling, byte_cap=byte_cap,
+    floor = min(fetch.prefetch_concurrent_downloads, fetch.max_in_flight_ceiling)
+    ceiling = max(floor, fetch.max_in_flight_ceiling)
+    return InFlightBounds(floor=floor, ceiling=ceiling, byte_cap=fetch.body_bytes_in_flight,
                           gpu_capacity_images_per_s=run.gpu_capacity_images_per_s, headroom=run.gpu_rate_headroom)  # fmt: skip

@@ -40,10 +40,9 @@ class RunSettings:
     retry_wait_s: float = 2.0
     # seconds a URL whose host deferred it waits when the fetcher named no time
     host_deferral_s: float = 30.0
-    # downloads in flight (engine/inflight.py): the legacy prefetch_concurrent_downloads is the start
-    # and the minimum; this is the most for one run unless the fetch settings set a lower ceiling
-    max_downloads_in_flight: int = 1024
-    # downloads in flight of all runs on this machine together (shared under IMGPIPE_HOME)
+    # downloads in flight (engine/inflight.py) start at and never go below the legacy
+    # prefetch_concurrent_downloads, and stay under FetchSettings.max_in_flight_ceiling and this
+    # machine-wide budget: downloads in flight of all runs on this machine together (under IMGPIPE_HOME)
     machine_downloads_in_flight: int = 4096
     # image rate the GPU tier can take (images/s); 0 = learn it from images waiting for the GPU tier
     gpu_capacity_images_per_s: float = 0.0

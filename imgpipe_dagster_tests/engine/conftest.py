@@ -25,8 +25,8 @@ def _jpeg() -> bytes:
 
 class LoggedHost:
     """``/ok/<name>``: an image (after ``delay_s``); ``/flaky/<name>``: 503 with ``Retry-After:
-    retry_after`` on the first request, an image afterwards. ``requests`` lists every path in the
-    order the requests arrived."""
+    retry_after`` on the first request, an image afterwards; no robots.txt (404). ``requests`` lists
+    every path in the order the requests arrived."""
 
     def __init__(self, delay_s: float = 0.0, retry_after: int = 0) -> None:
         self.requests: list[str] = []
@@ -38,8 +38,8 @@ class LoggedHost:
                 with host._lock:
                     first = self.path not in host.requests
                     host.requests.append(self.path)
-                if self.path.startswith("/flaky/") and first:
-                    self.send_response(503)
+                if self.path == "/robots.txt" or (self.path.startswith("/flaky/") and first):
+                    self.send_response(404 if self.path == "/robots.txt" else 503)
                     self.send_header("Retry-After", str(retry_after))
                     self.send_header("Content-Length", "0")
                     self.end_headers()

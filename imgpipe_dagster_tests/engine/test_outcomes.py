@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from imgpipe_dagster.engine import outcomes
 from imgpipe_dagster.fetch import ErrorClass, FetchError, FetchResult
 from imgpipe_dagster.gpu_server.client import ImageAnalysis
@@ -45,7 +43,6 @@ def test_a_permanent_failure_is_final_at_once():
     assert outcome.state == "failed_permanent" and outcome.error_class == "http_404"
 
 
-@pytest.mark.skipif(not hasattr(ErrorClass, "HOST_DEFERRED"), reason="ErrorClass.HOST_DEFERRED comes with the fetch layer's host health")
 def test_a_deferred_host_returns_the_url_without_spending_a_retry():
     deferred = outcomes.fetch_failure(CLAIMED, failed(ErrorClass.HOST_DEFERRED, retry_after=45), policy(), NOW,
                                       deferral_s=60)  # fmt: skip

@@ -3,6 +3,7 @@ a real PostgreSQL. Order is read from the host's request log, never from timings
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 
@@ -26,9 +27,10 @@ def small_run(retry_delay: float, **run_overrides) -> EngineSettings:
         "lease_seconds": 30, "image_resize_threads": 1,
     })  # fmt: skip
     fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=2, prefetch_queue_size=2,
-                          image_resize_threads=1, target_pixels=56 * 56, patch_multiple=28)  # fmt: skip
+                          image_resize_threads=1, target_pixels=56 * 56, patch_multiple=28,
+                          max_in_flight_ceiling=2)  # fmt: skip
     settings = engine_settings(worker, fetch, prompt_name="caption_short_v1")
-    return replace(settings, run=replace(settings.run, max_downloads_in_flight=2, **run_overrides))
+    return replace(settings, run=replace(settings.run, **run_overrides))
 
 
 def run_shard(database_url: str, owner: str, settings: EngineSettings, endpoint: str) -> dict:
@@ -54,17 +56,24 @@ def test_retries_interleave_with_fresh_work(conn, database_url, gpu_endpoint, im
     assert verify(conn, [SHARD]).complete
 
 
+def attempts(flaky_hosts: list[LoggedHost]) -> list[int]:
+    return [sum(p.startswith("/flaky/") for p in host.requests) for host in flaky_hosts]
+
+
 def test_a_run_leaves_retries_not_yet_due_to_a_later_run(conn, database_url, gpu_endpoint, imgpipe_home):
-    # the host asks for 4 s before a retry; a run waits at most 1 s for retries when nothing else is left
+    # each flaky URL on a host of its own that asks for 4 s before a retry (a host pause holds only that
+    # host); a run waits at most 1 s for retries when nothing else is left
     settings = small_run(retry_delay=0.01, retry_wait_s=1.0)
-    with LoggedHost(retry_after=4) as host:
-        flaky = [f"/flaky/{n}.jpg" for n in range(3)]
-        fresh = [f"/ok/{n}.jpg" for n in range(6)]
-        seed_corpus(conn, {SHARD: [host.url(p) for p in flaky + fresh]})
+    with contextlib.ExitStack() as stack:
+        flaky_hosts = [stack.enter_context(LoggedHost(retry_after=4)) for _ in range(3)]
+        fresh_host = stack.enter_context(LoggedHost())
+        flaky = [host.url(f"/flaky/{n}.jpg") for n, host in enumerate(flaky_hosts)]
+        fresh = [fresh_host.url(f"/ok/{n}.jpg") for n in range(6)]
+        seed_corpus(conn, {SHARD: flaky + fresh})
 
         first = run_shard(database_url, "run-first", settings, gpu_endpoint)
 
-        assert [host.requests.count(p) for p in flaky] == [1, 1, 1], "the first run idled until the retries were due"
+        assert attempts(flaky_hosts) == [1, 1, 1], "the first run idled until the retries were due"
         assert first["final_state_counts"]["failed_retryable"] == len(flaky)
         assert first["waiting_for_retry"]["urls"] == len(flaky) and first["waiting_for_retry"]["next_due_at"]
         report = verify(conn, [SHARD])
@@ -77,7 +86,7 @@ def test_a_run_leaves_retries_not_yet_due_to_a_later_run(conn, database_url, gpu
             time.sleep(0.2)
         second = run_shard(database_url, "run-second", settings, gpu_endpoint)
 
-        assert [host.requests.count(p) for p in flaky] == [2, 2, 2]
+        assert attempts(flaky_hosts) == [2, 2, 2]
     assert second["final_state_counts"]["done"] == len(flaky) + len(fresh)
     assert second["waiting_for_retry"]["urls"] == 0
     assert verify(conn, [SHARD]).complete
