@@ -10,6 +10,10 @@ the GPU tier waits on downloads (its rate is then unknown: it takes whatever arr
 limit is in use, the limit grows by ``growth`` a step: the probe ends when images start to queue for
 the GPU or at a bound.
 
+More downloads in flight only help while something else waits: when the seconds a successful
+download holds its slot rise to ``overload_factor`` times their unloaded level, the downloads queue
+behind something saturated (our CPU, our link, the hosts) and the limit shrinks by ``shrink``.
+
 Bounds: at least the legacy ``prefetch_concurrent_downloads`` (the starting and minimum value), at most
 the ceiling, the bodies the byte cap can hold, and this run's share of a machine-wide budget shared
 by every live run on the machine (:class:`MachineBudget`).
@@ -29,6 +33,8 @@ from pathlib import Path
 MIN_ASSUMED_BODY_BYTES = 64 * 1024
 # Weight of the newest step in the running means (slot seconds per URL, images per URL).
 SMOOTHING = 0.3
+# Share a step lets the unloaded slot time of a successful download rise by.
+BASELINE_DRIFT = 0.05
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,11 @@ class InFlightBounds:
     # the target rate is the GPU tier's rate times this
     headroom: float = 1.25
     # factor a step grows the limit by while the GPU tier waits on downloads
-    growth: float = 1.5
+    growth: float = 1.25
+    # successful downloads holding their slot this many times longer than unloaded mean overload
+    overload_factor: float = 3.0
+    # factor a step shrinks the limit by under overload
+    shrink: float = 0.8
     # share of the GPU-side queue filled at which the GPU tier counts as the bottleneck
     gpu_backlog_fill: float = 0.5
 
@@ -56,6 +66,9 @@ class Sample:
     at: float
     urls_completed: int
     slot_seconds: float
+    # downloads that brought an image, and the seconds their slots were held
+    ok_completed: int
+    ok_slot_seconds: float
     images_to_gpu: int
     body_bytes: int
     in_flight: int | None
@@ -70,6 +83,10 @@ class InFlightController:
     slot_s_per_url: float | None = None
     images_per_url: float | None = None
     bytes_per_image: float | None = None
+    # seconds a successful download holds its slot: now, and the unloaded level (the lowest seen,
+    # drifting up slowly so a web that is slower for good becomes the new level)
+    ok_slot_s: float | None = None
+    unloaded_ok_slot_s: float | None = None
     reason: str = "start"
     _last: Sample | None = field(default=None, repr=False)
 
@@ -86,13 +103,22 @@ class InFlightController:
         if urls > 0:
             self.slot_s_per_url = _mean(self.slot_s_per_url, (now.slot_seconds - last.slot_seconds) / urls)
             self.images_per_url = _mean(self.images_per_url, (now.images_to_gpu - last.images_to_gpu) / urls)
+        oks = now.ok_completed - last.ok_completed
+        if oks > 0:
+            self.ok_slot_s = _mean(self.ok_slot_s, (now.ok_slot_seconds - last.ok_slot_seconds) / oks)
+            drifted = (self.unloaded_ok_slot_s or self.ok_slot_s) * (1 + BASELINE_DRIFT)
+            self.unloaded_ok_slot_s = min(drifted, self.ok_slot_s)
         images = now.images_to_gpu - last.images_to_gpu
         if images > 0 and now.body_bytes > last.body_bytes:
             self.bytes_per_image = _mean(self.bytes_per_image, (now.body_bytes - last.body_bytes) / images)
         gpu_rate = self.bounds.gpu_capacity_images_per_s or None
         if gpu_rate is None and now.gpu_queue_fill >= self.bounds.gpu_backlog_fill:
             gpu_rate = images / seconds  # images wait for the GPU tier: what it takes is what it can take
-        if gpu_rate and self.slot_s_per_url:
+        if self._overloaded():
+            want = math.floor(self.limit * self.bounds.shrink)
+            self.reason = (f"a download holds its slot {self.ok_slot_s:.2f} s, unloaded "
+                           f"{self.unloaded_ok_slot_s:.2f} s: something is saturated, shrinking")  # fmt: skip
+        elif gpu_rate and self.slot_s_per_url:
             url_rate = gpu_rate * self.bounds.headroom / max(self.images_per_url or 1.0, 0.05)
             want = math.ceil(url_rate * self.slot_s_per_url)
             # move at most a factor of two a step, so one odd interval cannot swing the limit
@@ -106,6 +132,9 @@ class InFlightController:
             self.reason = "the limit is not in use: holding"
         self.limit = self._clamp(want)
         return self.limit
+
+    def _overloaded(self) -> bool:
+        return bool(self.unloaded_ok_slot_s) and self.ok_slot_s > self.bounds.overload_factor * self.unloaded_ok_slot_s
 
     def _clamp(self, want: int) -> int:
         bounds = self.bounds

@@ -65,6 +65,7 @@ class DownloadFigures:
         self.in_flight_peak = 0
         self.limit_peak = 0
         self.completed = 0  # downloads finished
+        self.completed_ok = 0  # downloads that brought an image
         self.images_to_gpu = 0
         self.body_bytes = 0
         self.last_fresh_outcome_at: float | None = None
@@ -85,7 +86,7 @@ class DownloadFigures:
             "in_flight_limit_peak": self.limit_peak,
             "in_flight_limit_last": controller.limit,
             "in_flight_reason": controller.reason,
-            "slot_seconds_per_url": round(controller.slot_s_per_url, 3) if controller.slot_s_per_url else None,
+            "slot_seconds_per_url": round(sum(slot_seconds.values()) / self.completed, 3) if self.completed else None,
             "slot_seconds": {kind: round(s, 2) for kind, s in slot_seconds.most_common()},
             "tail_after_first_pass_s": round(max(tail_s, 0.0), 2),
             "images_to_gpu_in_tail": self.images_to_gpu - self.images_at_last_fresh,
@@ -318,6 +319,7 @@ class ShardRunner:
                 self.stats.stage_s["fetch"] += seconds
                 self.downloads.completed += 1
                 if result.ok:
+                    self.downloads.completed_ok += 1
                     self.downloads.body_bytes += result.bytes or 0
                     await self.images.put(_Fetched(claimed, result))
                 else:
@@ -432,7 +434,8 @@ class ShardRunner:
             in_flight = fetcher.in_flight
             sample = Sample(
                 at=time.monotonic(), urls_completed=self.downloads.completed,
-                slot_seconds=sum(self.slot_seconds.values()), images_to_gpu=self.downloads.images_to_gpu,
+                slot_seconds=sum(self.slot_seconds.values()), ok_completed=self.downloads.completed_ok,
+                ok_slot_seconds=self.slot_seconds["ok"], images_to_gpu=self.downloads.images_to_gpu,
                 body_bytes=self.downloads.body_bytes, in_flight=in_flight,
                 gpu_queue_fill=self.images.qsize() / max(self.images.maxsize, 1),
             )  # fmt: skip

@@ -7,17 +7,18 @@ from imgpipe_dagster.engine.inflight import InFlightBounds, InFlightController, 
 
 def sample(at: float, urls: int, slot_s: float, images: int, in_flight: int | None, gpu_fill: float = 0.0,
            body_bytes: int = 0) -> Sample:  # fmt: skip
-    return Sample(at=at, urls_completed=urls, slot_seconds=slot_s, images_to_gpu=images, body_bytes=body_bytes,
-                  in_flight=in_flight, gpu_queue_fill=gpu_fill)  # fmt: skip
+    """Every image a URL (slot seconds spread evenly over them)."""
+    return Sample(at=at, urls_completed=urls, slot_seconds=slot_s, ok_completed=images,
+                  ok_slot_seconds=slot_s * images / urls if urls else 0.0, images_to_gpu=images,
+                  body_bytes=body_bytes, in_flight=in_flight, gpu_queue_fill=gpu_fill)  # fmt: skip
 
 
 def test_starts_at_the_legacy_value_and_grows_while_the_gpu_waits_and_the_limit_is_used():
     controller = InFlightController(InFlightBounds(floor=15, ceiling=1000))
     assert controller.limit == 15
     controller.step(sample(0, 0, 0, 0, 15))
-    limits = [controller.step(sample(t, 10 * t, 19.0 * t, 8 * t, controller.limit)) for t in range(1, 12)]
-    assert limits == sorted(limits) and limits[-1] > 300
-    assert limits[-1] <= 1000
+    limits = [controller.step(sample(t, 10 * t, 19.0 * t, 8 * t, controller.limit)) for t in range(1, 30)]
+    assert limits == sorted(limits) and limits[-1] == 1000
 
 
 def test_holds_when_the_limit_is_not_in_use():
@@ -72,3 +73,16 @@ def test_the_floor_wins_over_every_bound(tmp_path):
     controller = InFlightController(InFlightBounds(floor=15, ceiling=1000), budget=budget)
     controller.step(sample(0, 0, 0, 0, 15))
     assert controller.step(sample(1, 10, 20.0, 10, 15)) == 15
+
+
+def test_shrinks_when_downloads_queue_behind_something_saturated():
+    # unloaded a download takes 0.05 s; then each one takes 0.5 s while the limit is in use
+    controller = InFlightController(InFlightBounds(floor=10, ceiling=1000))
+    controller.limit = 400
+    controller.step(sample(0, 0, 0, 0, 400))
+    controller.step(sample(1, 100, 5.0, 100, 400))
+    before = controller.limit
+    for t in range(2, 6):
+        controller.step(sample(t, 100 * t, 5.0 + 50.0 * (t - 1), 100 * t, controller.limit))
+    assert controller.limit < before
+    assert "saturated" in controller.reason
