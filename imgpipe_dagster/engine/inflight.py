@@ -7,12 +7,13 @@ A run's download rate is downloads in flight ÷ seconds a URL holds a slot. So t
 where the URL rate the GPU tier needs is its image rate (a configured capacity, or the rate it is
 observed to take while images wait for it) × headroom ÷ the share of URLs that yield an image. While
 the GPU tier waits on downloads (its rate is then unknown: it takes whatever arrives) and the current
-limit is in use, the limit grows by ``growth`` a step: the probe ends when images start to queue for
-the GPU or at a bound.
+limit (or the fetcher's look-ahead, which follows it) is in use, the limit grows by ``growth`` a
+step: the probe ends when images start to queue for the GPU, at a bound, or at overload.
 
 More downloads in flight only help while something else waits: when the seconds a successful
 download holds its slot rise to ``overload_factor`` times their unloaded level, the downloads queue
-behind something saturated (our CPU, our link, the hosts) and the limit shrinks by ``shrink``.
+behind something saturated (our CPU, our link, the hosts) and the limit shrinks by ``shrink``; above
+that level it grows by 5% a step instead of by ``growth`` (TCP's congestion avoidance).
 
 Bounds: at least the legacy ``prefetch_concurrent_downloads`` (the starting and minimum value), at most
 the ceiling, the bodies the byte cap can hold, and this run's share of a machine-wide budget shared
@@ -35,6 +36,8 @@ MIN_ASSUMED_BODY_BYTES = 64 * 1024
 SMOOTHING = 0.3
 # Share a step lets the unloaded slot time of a successful download rise by.
 BASELINE_DRIFT = 0.05
+# Steps after a shrink before overload is judged again.
+OVERLOAD_COOLDOWN_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class InFlightBounds:
     # factor a step grows the limit by while the GPU tier waits on downloads
     growth: float = 1.25
     # successful downloads holding their slot this many times longer than unloaded mean overload
-    overload_factor: float = 3.0
+    overload_factor: float = 2.5
     # factor a step shrinks the limit by under overload
     shrink: float = 0.8
     # share of the GPU-side queue filled at which the GPU tier counts as the bottleneck
@@ -73,6 +76,8 @@ class Sample:
     body_bytes: int
     in_flight: int | None
     gpu_queue_fill: float
+    # leased URLs the fetcher has not taken yet (it takes a look-ahead that follows its limit)
+    waiting_for_fetcher: int = 0
 
 
 @dataclass
@@ -87,6 +92,10 @@ class InFlightController:
     # drifting up slowly so a web that is slower for good becomes the new level)
     ok_slot_s: float | None = None
     unloaded_ok_slot_s: float | None = None
+    # the limit an overload was last seen below: multiplicative growth up to it, additive above
+    # (TCP's slow start and congestion avoidance), and steps left before overload is judged again
+    threshold: int | None = None
+    cooldown: int = 0
     reason: str = "start"
     _last: Sample | None = field(default=None, repr=False)
 
@@ -114,8 +123,10 @@ class InFlightController:
         gpu_rate = self.bounds.gpu_capacity_images_per_s or None
         if gpu_rate is None and now.gpu_queue_fill >= self.bounds.gpu_backlog_fill:
             gpu_rate = images / seconds  # images wait for the GPU tier: what it takes is what it can take
+        self.cooldown = max(self.cooldown - 1, 0)
         if self._overloaded():
-            want = math.floor(self.limit * self.bounds.shrink)
+            want = self.threshold = max(math.floor(self.limit * self.bounds.shrink), self.bounds.floor)
+            self.cooldown = OVERLOAD_COOLDOWN_STEPS  # the running mean needs a few steps to show the effect
             self.reason = (f"a download holds its slot {self.ok_slot_s:.2f} s, unloaded "
                            f"{self.unloaded_ok_slot_s:.2f} s: something is saturated, shrinking")  # fmt: skip
         elif gpu_rate and self.slot_s_per_url:
@@ -124,9 +135,11 @@ class InFlightController:
             # move at most a factor of two a step, so one odd interval cannot swing the limit
             want = min(max(want, self.limit // 2), self.limit * 2)
             self.reason = f"Little's law: {url_rate:.1f} URLs/s x {self.slot_s_per_url:.2f} s a slot"
-        elif now.in_flight is None or now.in_flight >= 0.8 * self.limit:
-            want = math.ceil(self.limit * self.bounds.growth)
-            self.reason = "the GPU tier waits on downloads and the limit is in use: growing"
+        elif now.in_flight is None or now.in_flight >= 0.8 * self.limit or now.waiting_for_fetcher > 0:
+            # in use, or the fetcher's look-ahead (which follows the limit) is full of URLs of hosts
+            # that make them wait while other hosts' URLs queue here
+            want = self._grown()
+            self.reason = "the GPU tier waits on downloads and the limit or the look-ahead is in use: growing"
         else:
             want = self.limit
             self.reason = "the limit is not in use: holding"
@@ -134,7 +147,14 @@ class InFlightController:
         return self.limit
 
     def _overloaded(self) -> bool:
-        return bool(self.unloaded_ok_slot_s) and self.ok_slot_s > self.bounds.overload_factor * self.unloaded_ok_slot_s
+        return (not self.cooldown and bool(self.unloaded_ok_slot_s)
+                and self.ok_slot_s > self.bounds.overload_factor * self.unloaded_ok_slot_s)  # fmt: skip
+
+    def _grown(self) -> int:
+        if self.threshold is None or self.limit < self.threshold:
+            grown = math.ceil(self.limit * self.bounds.growth)
+            return grown if self.threshold is None else min(grown, self.threshold)
+        return self.limit + max(1, self.limit // 20)
 
     def _clamp(self, want: int) -> int:
         bounds = self.bounds

@@ -241,8 +241,9 @@ class ShardRunner:
                 await client.aclose()
 
     def _high_water(self) -> int:
-        """URLs leased ahead: enough to keep every download slot and the GPU requests busy."""
-        return max(self.min_high_water, 2 * self.in_flight.limit)
+        """URLs leased ahead: enough to keep every download slot and the GPU requests busy. The fetcher
+        takes up to twice its limit ahead; one more limit's worth waits here, where retries go first."""
+        return max(self.min_high_water, 3 * self.in_flight.limit)
 
     async def _claimer(self) -> None:
         run = self.settings.run
@@ -438,6 +439,7 @@ class ShardRunner:
                 ok_slot_seconds=self.slot_seconds["ok"], images_to_gpu=self.downloads.images_to_gpu,
                 body_bytes=self.downloads.body_bytes, in_flight=in_flight,
                 gpu_queue_fill=self.images.qsize() / max(self.images.maxsize, 1),
+                waiting_for_fetcher=self.urls.qsize(),
             )  # fmt: skip
             limit = await asyncio.to_thread(self.in_flight.step, sample)  # the budget reads a few small files
             fetcher.max_in_flight = limit

@@ -86,3 +86,22 @@ def test_shrinks_when_downloads_queue_behind_something_saturated():
         controller.step(sample(t, 100 * t, 5.0 + 50.0 * (t - 1), 100 * t, controller.limit))
     assert controller.limit < before
     assert "saturated" in controller.reason
+
+
+def test_after_an_overload_the_limit_creeps_up_instead_of_multiplying():
+    controller = InFlightController(InFlightBounds(floor=10, ceiling=1000))
+    controller.limit, controller.threshold = 200, 200
+    controller.step(sample(0, 0, 0, 0, 200))
+    assert controller.step(sample(1, 100, 5.0, 100, 200)) == 210
+
+
+def test_grows_when_the_fetchers_look_ahead_is_full_though_few_downloads_hold_a_slot():
+    # hosts that make URLs wait fill the fetcher's look-ahead; other hosts' URLs wait in the run
+    waiting = Sample(at=1, urls_completed=10, slot_seconds=5.0, ok_completed=10, ok_slot_seconds=5.0,
+                     images_to_gpu=10, body_bytes=0, in_flight=3, gpu_queue_fill=0.0, waiting_for_fetcher=50)  # fmt: skip
+    controller = InFlightController(InFlightBounds(floor=20, ceiling=1000))
+    controller.step(sample(0, 0, 0, 0, 3))
+    assert controller.step(waiting) == 25
+    idle = InFlightController(InFlightBounds(floor=20, ceiling=1000))
+    idle.step(sample(0, 0, 0, 0, 3))
+    assert idle.step(sample(1, 10, 5.0, 10, 3)) == 20
