@@ -1,9 +1,11 @@
 """One shard run: claim → fetch → GPU → write, as a pipeline of bounded asyncio stages.
 
-Every URL the run leases leaves it through exactly one outcome write (store.work.write_outcomes):
-done or failed_permanent (final, with a result row), failed_retryable (backoff, claimed again
-when due) or pending (a GPU outage: returned without spending the URL's retry budget). The run ends
-when every URL of its shards is final, or when what is left is leased by another live run.
+Every URL the run leases leaves it through exactly one outcome (engine/outcomes.py decides which,
+engine/writer.py stores it): done or failed_permanent (final, with a result row), failed_retryable
+(backoff, claimed again when due, before fresh URLs) or pending (a GPU outage or a deferred host:
+returned without spending the URL's retry budget). The run ends when every URL of its shards is
+final, or when what is left is not due yet (a later run finishes it) or leased by another live run.
+The downloads in flight follow the work (engine/inflight.py).
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from imgpipe_dagster.engine import outcomes
+from imgpipe_dagster.engine.inflight import InFlightBounds, InFlightController, MachineBudget, Sample
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.stats import RunStats, RunSummary
+from imgpipe_dagster.engine.writer import OutcomeWriter
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
 from imgpipe_dagster.gpu_server.client import (
     GpuClient,
@@ -29,21 +35,63 @@ from imgpipe_dagster.gpu_server.client import (
     ServerUnavailable,
 )
 from imgpipe_dagster.host_memory import release_free_memory
+from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.resilience.limiter import QueueFull, QueueTimeout
 from imgpipe_dagster.resilience.retry import RetryPolicy
 from imgpipe_dagster.resilience.router import Router
+from imgpipe_dagster.resilience.settings import RetrySettings
 from imgpipe_dagster.store import work
-from imgpipe_dagster.store.work import ClaimedUrl, UrlOutcome
+from imgpipe_dagster.store.work import ClaimedUrl, Leftover, UrlOutcome
 
 log = logging.getLogger("imgpipe.engine")
 
 _END = object()  # end-of-stream marker between stages
+_RETRY, _FRESH, _LAST = 0, 1, 2  # order of the fetcher's input
 
 
 @dataclass
 class _Fetched:
     claimed: ClaimedUrl
     result: FetchResult
+
+
+class DownloadFigures:
+    """What the download stage did: downloads in flight over time, slot seconds by outcome kind
+    ("ok" or the error class), and the tail after the first pass."""
+
+    def __init__(self) -> None:
+        self.in_flight_samples = 0
+        self.in_flight_sum = 0
+        self.in_flight_peak = 0
+        self.limit_peak = 0
+        self.completed = 0  # downloads finished
+        self.completed_ok = 0  # downloads that brought an image
+        self.images_to_gpu = 0
+        self.body_bytes = 0
+        self.last_fresh_outcome_at: float | None = None
+        self.images_at_last_fresh = 0
+
+    def sample(self, in_flight: int | None, limit: int) -> None:
+        self.limit_peak = max(self.limit_peak, limit)
+        if in_flight is not None:
+            self.in_flight_samples += 1
+            self.in_flight_sum += in_flight
+            self.in_flight_peak = max(self.in_flight_peak, in_flight)
+
+    def summary(self, ended_at: float, slot_seconds: Counter, controller: InFlightController) -> dict:
+        tail_s = ended_at - self.last_fresh_outcome_at if self.last_fresh_outcome_at is not None else 0.0
+        return {
+            "in_flight_mean": round(self.in_flight_sum / self.in_flight_samples, 1) if self.in_flight_samples else None,
+            "in_flight_peak": self.in_flight_peak,
+            "in_flight_limit_peak": self.limit_peak,
+            "in_flight_limit_last": controller.limit,
+            "in_flight_reason": controller.reason,
+            "slot_seconds_per_url": round(sum(slot_seconds.values()) / self.completed, 3) if self.completed else None,
+            "slot_seconds": {kind: round(s, 2) for kind, s in slot_seconds.most_common()},
+            "tail_after_first_pass_s": round(max(tail_s, 0.0), 2),
+            "images_to_gpu_in_tail": self.images_to_gpu - self.images_at_last_fresh,
+            "images_to_gpu": self.images_to_gpu,
+        }
 
 
 class ShardRunner:
@@ -61,6 +109,7 @@ class ShardRunner:
     ) -> None:
         if not shard_ids:
             raise ValueError("a shard run needs at least one shard")
+        run, fetch = settings.run, settings.fetch
         self.database_url = database_url
         self.owner = owner
         self.shard_ids = list(shard_ids)
@@ -70,9 +119,33 @@ class ShardRunner:
         self.gpu_names = list(gpu_names) if gpu_names else [f"gpu{i}" for i in range(len(self.endpoints))]
         self.progress = progress or (lambda line, summary: log.info(line))
         self.stats = RunStats()
-        self.retry = RetryPolicy(settings.fetch_retry)
-        self._outstanding = 0  # leased by us and not yet written
-        self._unfinished_at_start = 0  # URLs of our shards not final when the run began (for the ETA)
+        self.downloads = DownloadFigures()
+        self.fetch_retry = RetryPolicy(settings.fetch_retry)
+        self.inference_retry = RetryPolicy(
+            RetrySettings(retry_attempts=run.inference_retry_attempts, retry_delay=run.inference_retry_delay_s)
+        )
+        self.in_flight = InFlightController(_in_flight_bounds(settings))
+        self.outstanding = 0  # leased by us and not yet written
+        self.unfinished_at_start = 0  # URLs of our shards not final when the run began (for the ETA)
+        self.leftover = Leftover()
+        # set while a run is under way (run_async), None outside it
+        self.pool: ConnectionPool | None = None
+        self.writer: OutcomeWriter | None = None
+        self.router: Router | None = None
+        self.fetcher: ImageFetcher | None = None
+        self.slot_seconds: Counter = Counter()  # seconds download slots were held, by outcome kind
+        self.router_snapshot: dict = {}
+        self.clients: dict[str, GpuClient] = {}
+        # leased URLs for the fetcher: retries ahead of fresh URLs, the end marker after both
+        self.urls: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._queued = 0  # arrival order within a priority
+        self.images: asyncio.Queue = asyncio.Queue(maxsize=max(run.images_per_request * run.max_concurrent_batches, 64))
+        # leased work ahead of the fetcher at the smallest download limit (it grows with the limit)
+        self.min_high_water = max(
+            2 * run.images_per_request * run.max_concurrent_batches,
+            2 * fetch.prefetch_queue_size + fetch.prefetch_concurrent_downloads,
+            2 * run.chunk_size,
+        )
 
     # ------------------------------------------------------------------ entry point
 
@@ -81,22 +154,26 @@ class ShardRunner:
 
     async def run_async(self) -> RunSummary:
         run = self.settings.run
-        pool = ConnectionPool(
+        self.pool = ConnectionPool(
             self.database_url, min_size=1, max_size=run.max_concurrent_chunks + 2, open=True,
             kwargs={"connect_timeout": 10}, name=f"imgpipe-{self.owner[:8]}",
             # A connection the server dropped while idle (pg_terminate_backend, a restart) is replaced
             # at checkout instead of failing the next statement.
             check=ConnectionPool.check_connection,
         )  # fmt: skip
-        self._pool = pool
+        self.writer = OutcomeWriter(self.pool, self.owner, run.chunk_size, run.max_concurrent_chunks, self._written)
+        self.in_flight.budget = MachineBudget(imgpipe_home() / "downloads-in-flight", self.owner,
+                                              run.machine_downloads_in_flight)  # fmt: skip
         try:
             counts = await self._db(work.shard_state_counts, self.shard_ids)
             self.stats.total_urls = sum(counts.values())
-            self._unfinished_at_start = sum(counts[s] for s in work.UNFINISHED_STATES)
+            self.unfinished_at_start = sum(counts[s] for s in work.UNFINISHED_STATES)
             log.info("shard run %s: %d shards, %d URLs, %d unfinished, GPU servers: %s", self.owner,
-                     len(self.shard_ids), self.stats.total_urls, self._unfinished_at_start, ", ".join(self.endpoints))
+                     len(self.shard_ids), self.stats.total_urls, self.unfinished_at_start, ", ".join(self.endpoints))
             await self._pipeline()
+            ended_at = time.monotonic()
             counts = await self._db(work.shard_state_counts, self.shard_ids)
+            self.leftover = await self._db(work.leftover, self.shard_ids)
         finally:
             # A crash or cancellation returns our leases at once instead of after they expire.
             try:
@@ -104,19 +181,29 @@ class ShardRunner:
                 if released:
                     log.warning("returned %d leased URLs to pending (run ended early)", released)
             finally:
-                pool.close()
+                self.in_flight.budget.close()
+                self.pool.close()
                 release_free_memory()
-        summary = self.stats.summary(final_state_counts=counts, router=self._router_snapshot)
+        summary = self.stats.summary(
+            final_state_counts=counts,
+            router=self.router_snapshot,
+            downloads=self.downloads.summary(ended_at, self.slot_seconds, self.in_flight),
+            waiting_for_retry={
+                "urls": self.leftover.waiting,
+                "next_due_at": self.leftover.next_due_at.isoformat() if self.leftover.next_due_at else None,
+                "last_due_at": self.leftover.last_due_at.isoformat() if self.leftover.last_due_at else None,
+            },
+        )
         self.progress(self.stats.progress_line(0), summary)
         return summary
 
     def _release_all(self) -> int:
-        with self._pool.connection() as conn:
+        with self.pool.connection() as conn:
             return work.release_leases(conn, self.owner)
 
     async def _db(self, func, *args):
         def call():
-            with self._pool.connection() as conn:
+            with self.pool.connection() as conn:
                 return func(conn, *args)
 
         return await asyncio.to_thread(call)
@@ -125,53 +212,49 @@ class ShardRunner:
 
     async def _pipeline(self) -> None:
         run = self.settings.run
-        fetch_settings = self.settings.fetch
-        self._urls: asyncio.Queue = asyncio.Queue()
-        self._images: asyncio.Queue = asyncio.Queue(maxsize=max(run.images_per_request * run.max_concurrent_batches, 64))
-        self._pending_outcomes: list[UrlOutcome] = []
-        self._write_slots = asyncio.Semaphore(run.max_concurrent_chunks)
-        self._write_tasks: set[asyncio.Task] = set()
-        self._done = asyncio.Event()
-        self._router = Router(self.endpoints, self.settings.limiter, self.settings.breaker, names=self.gpu_names)
-        self._clients = {
+        self.router = Router(self.endpoints, self.settings.limiter, self.settings.breaker, names=self.gpu_names)
+        self.clients = {
             url: GpuClient(url, token=self.gpu_token, timeout_s=run.request_timeout,
                            max_connections=max(run.max_concurrent_batches, 4))
             for url in self.endpoints
         }  # fmt: skip
-        # Enough leased work to keep every stage busy, without leasing a shard's worth at once.
-        self._high_water = max(
-            2 * run.images_per_request * run.max_concurrent_batches,
-            2 * fetch_settings.prefetch_queue_size + fetch_settings.prefetch_concurrent_downloads,
-            2 * run.chunk_size,
-        )
         try:
-            async with ImageFetcher(fetch_settings) as fetcher:
+            async with ImageFetcher(self.settings.fetch) as fetcher:
+                self.fetcher = fetcher
+                self.slot_seconds = fetcher.slot_seconds  # kept for the summary after the fetcher closes
+                fetcher.max_in_flight = self.in_flight.limit
                 background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._progress_loop()),
-                              asyncio.create_task(self._flush_loop())]  # fmt: skip
+                              asyncio.create_task(self.writer.flush_every(1.0)),
+                              asyncio.create_task(self._size_downloads())]  # fmt: skip
                 stages = [asyncio.create_task(self._claimer()), asyncio.create_task(self._fetch_stage(fetcher)),
                           asyncio.create_task(self._request_stage())]  # fmt: skip
                 try:
                     await asyncio.gather(*stages)
-                    await self._flush(force=True)
-                    if self._write_tasks:
-                        await asyncio.gather(*self._write_tasks)
+                    await self.writer.flush(wait=True)
                 finally:
                     for task in stages + background:
                         task.cancel()
                     await asyncio.gather(*stages, *background, return_exceptions=True)
         finally:
-            self._router_snapshot = self._router.snapshot()
-            for client in self._clients.values():
+            self.fetcher = None
+            self.router_snapshot = self.router.snapshot()
+            for client in self.clients.values():
                 await client.aclose()
+
+    def _high_water(self) -> int:
+        """URLs leased ahead: enough to keep every download slot and the GPU requests busy. The fetcher
+        takes up to twice its limit ahead; one more limit's worth waits here, where retries go first."""
+        return max(self.min_high_water, 3 * self.in_flight.limit)
 
     async def _claimer(self) -> None:
         run = self.settings.run
         waiting_on_others_since: float | None = None
         try:
             while True:
-                room = self._high_water - self._outstanding
+                high_water = self._high_water()
+                room = high_water - self.outstanding
                 claimed: list[ClaimedUrl] = []
-                if room >= min(self._high_water // 4, 64) or self._outstanding == 0:
+                if room >= min(high_water // 4, 64) or self.outstanding == 0:
                     try:
                         claimed = await self._db(work.claim, self.owner, self.shard_ids, room, run.lease_seconds)
                     except psycopg.OperationalError as exc:  # connection lost; the claim rolled back (almost always)
@@ -179,38 +262,52 @@ class ShardRunner:
                         await asyncio.sleep(1.0)
                         continue
                 for item in claimed:
-                    self._outstanding += 1
+                    self.outstanding += 1
                     if item.attempts == 0:
-                        self.retry.note_first_attempt()
-                    self._urls.put_nowait(item)
+                        self.fetch_retry.note_first_attempt()
+                    self._queue_url(item)
                 if claimed:
                     waiting_on_others_since = None
                     continue
-                if self._outstanding > 0:
+                if self.outstanding > 0:
                     await asyncio.sleep(0.2)
                     continue
                 try:
-                    counts = await self._db(work.shard_state_counts, self.shard_ids)
+                    left = await self._db(work.leftover, self.shard_ids)
                 except psycopg.OperationalError as exc:
                     log.warning("counting unfinished work failed (%s); trying again", exc.__class__.__name__)
                     await asyncio.sleep(1.0)
                     continue
-                if sum(counts[s] for s in work.UNFINISHED_STATES) == 0:
+                if left.unfinished == 0:
                     return
-                if counts["leased"] and not counts["pending"] and not counts["failed_retryable"]:
+                if left.claimable:  # another run took it between our claim and the count
+                    await asyncio.sleep(0.2)
+                    continue
+                if left.leased:
                     # Someone else holds the rest; a dead run's leases expire and become claimable.
                     waiting_on_others_since = waiting_on_others_since or time.monotonic()
                     if time.monotonic() - waiting_on_others_since > 2 * run.lease_seconds:
-                        log.warning("%d URLs stay leased by other live runs; leaving them to those runs",
-                                    counts["leased"])
+                        log.warning("%d URLs stay leased by other live runs; leaving them to those runs", left.leased)
                         return
-                await asyncio.sleep(min(1.0, run.lease_seconds / 10))
+                    await asyncio.sleep(min(1.0, run.lease_seconds / 10))
+                    continue
+                due_in = (left.next_due_at - datetime.now(UTC)).total_seconds() if left.next_due_at else 0.0
+                if due_in > run.retry_wait_s:
+                    # Idling through a retry tail keeps the GPU tier waiting: a later run finishes them.
+                    log.info("%d URLs wait for a retry (due from %s to %s); leaving them to a later run",
+                             left.waiting, left.next_due_at, left.last_due_at)  # fmt: skip
+                    return
+                await asyncio.sleep(max(min(due_in, 1.0), 0.05))
         finally:
-            self._urls.put_nowait(_END)
+            self.urls.put_nowait((_LAST, 0, _END))
+
+    def _queue_url(self, item: ClaimedUrl) -> None:
+        self._queued += 1
+        self.urls.put_nowait((_RETRY if item.attempts else _FRESH, self._queued, item))
 
     async def _claimed_urls(self) -> AsyncIterator[tuple[ClaimedUrl, str]]:
         while True:
-            item = await self._urls.get()
+            _, _, item = await self.urls.get()
             if item is _END:
                 return
             yield item, item.url
@@ -220,31 +317,19 @@ class ShardRunner:
             async for result in fetcher.stream(self._claimed_urls()):
                 claimed: ClaimedUrl = result.key
                 self.stats.sample(self.stats.download_ms, result.download_ms)
-                self.stats.stage_s["fetch"] += (result.download_ms or 0) / 1000
+                seconds = (result.download_ms or 0) / 1000
+                self.stats.stage_s["fetch"] += seconds
+                self.downloads.completed += 1
                 if result.ok:
-                    await self._images.put(_Fetched(claimed, result))
+                    self.downloads.completed_ok += 1
+                    self.downloads.body_bytes += result.bytes or 0
+                    await self.images.put(_Fetched(claimed, result))
                 else:
-                    self._emit(self._fetch_failure(claimed, result))
+                    outcome = outcomes.fetch_failure(claimed, result, self.fetch_retry, datetime.now(UTC),
+                                                     deferral_s=self.settings.run.host_deferral_s)  # fmt: skip
+                    self._emit(outcome, claimed)
         finally:
-            await self._images.put(_END)
-
-    def _fetch_failure(self, claimed: ClaimedUrl, result: FetchResult) -> UrlOutcome:
-        error = result.error
-        attempt = claimed.attempts + 1
-        retryable = bool(error and error.error_class.retryable)
-        error_class = error.error_class.value if error else "unknown"
-        message = error.message if error else "fetch failed"
-        self.stats.failures_by_class[error_class] += 1
-        outcome = UrlOutcome(claimed.url_hash, claimed.url, claimed.shard_id, "failed_permanent", attempt,
-                             error_class, message, result=_fetch_columns(result))  # fmt: skip
-        if retryable and attempt <= self.settings.fetch_retry.retry_attempts:
-            if self.retry.should_retry(True, attempt):
-                delay = self.retry.delay(attempt, error.retry_after if error else None)
-            else:  # the retry budget is spent: defer instead of adding load now
-                delay = self.settings.fetch_retry.max_backoff_s
-            outcome.state = "failed_retryable"
-            outcome.next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
-        return outcome
+            await self.images.put(_END)
 
     async def _request_stage(self) -> None:
         run = self.settings.run
@@ -255,7 +340,7 @@ class ShardRunner:
         while not ended:
             timeout = run.request_fill_wait_s if group else None
             try:
-                item = await asyncio.wait_for(self._images.get(), timeout)
+                item = await asyncio.wait_for(self.images.get(), timeout)
             except TimeoutError:
                 item = None
             if item is _END:
@@ -277,13 +362,14 @@ class ShardRunner:
     async def _infer(self, group: list[_Fetched]) -> None:
         run = self.settings.run
         images = [item.result.image_bytes for item in group]
+        self.downloads.images_to_gpu += len(group)
         for attempt in range(1, run.max_gpu_tries + 1):
             pause = 0.0
             try:
-                async with self._router.route() as lease:
+                async with self.router.route() as lease:
                     started = time.monotonic()
                     try:
-                        results = await self._clients[lease.endpoint].analyze(images, run.prompt_name)
+                        results = await self.clients[lease.endpoint].analyze(images, run.prompt_name)
                     except ServerBusy as busy:
                         lease.loss("429", time.monotonic() - started)
                         pause = busy.retry_after_s
@@ -294,16 +380,24 @@ class ShardRunner:
                         pause = down.retry_after_s or 0.0
                     except RequestRejected as rejected:
                         lease.cancel()  # our request was wrong, not the server
+                        now = datetime.now(UTC)
                         for item in group:
-                            self._emit(self._inference_failure(item, f"request rejected: {rejected}"))
+                            outcome = outcomes.inference_failure(item.claimed, item.result,
+                                                                 f"request rejected: {rejected}",
+                                                                 self.inference_retry, now)  # fmt: skip
+                            self._emit(outcome, item.claimed)
                         return
                     else:
                         latency = time.monotonic() - started
                         lease.success(latency)
                         self.stats.stage_s["inference"] += latency
                         self.stats.images_by_gpu[lease.name] += len(group)
+                        now = datetime.now(UTC)
                         for item, analysis in zip(group, results, strict=True):
-                            self._emit(self._analysed(item, analysis, lease.name))
+                            self.stats.sample(self.stats.inference_ms, analysis.timings.get("inference_ms"))
+                            outcome = outcomes.analysed(item.claimed, item.result, analysis, lease.name,
+                                                        self.inference_retry, now)  # fmt: skip
+                            self._emit(outcome, item.claimed)
                         return
             except (QueueFull, QueueTimeout) as pressure:
                 log.debug("GPU request waits: %s", pressure)
@@ -311,87 +405,46 @@ class ShardRunner:
             await asyncio.sleep(min(max(pause, 0.05 * attempt), 5.0))
         log.warning("GPU servers failed a request %d times; %d URLs go back to pending", run.max_gpu_tries, len(group))
         for item in group:
-            c = item.claimed
-            self._emit(UrlOutcome(c.url_hash, c.url, c.shard_id, "pending", c.attempts, "gpu_unavailable",
-                                  "GPU servers unavailable; returned without spending a retry"))  # fmt: skip
+            self._emit(outcomes.gpu_unavailable(item.claimed, run.max_gpu_tries), item.claimed)
 
-    def _analysed(self, item: _Fetched, analysis, gpu_name: str) -> UrlOutcome:
-        if not analysis.ok:
-            return self._inference_failure(item, analysis.error or "inference failed")
-        c = item.claimed
-        inference_ms = analysis.timings.get("inference_ms")
-        self.stats.sample(self.stats.inference_ms, inference_ms)
-        columns = _fetch_columns(item.result) | {
-            "model_text": analysis.text,
-            "analysis": analysis.analysis,
-            "parse_ok": analysis.parse_ok,
-            "model": analysis.model,
-            "prompt_version": analysis.prompt_version,
-            "prompt_tokens": analysis.prompt_tokens,
-            "generated_tokens": analysis.generated_tokens,
-            "inference_ms": inference_ms,
-            "gpu": gpu_name,
-        }
-        return UrlOutcome(c.url_hash, c.url, c.shard_id, "done", c.attempts + 1, result=columns)
+    # ------------------------------------------------------------------ outcomes
 
-    def _inference_failure(self, item: _Fetched, message: str) -> UrlOutcome:
-        c = item.claimed
-        attempt = c.attempts + 1
-        self.stats.failures_by_class["inference_error"] += 1
-        state = "failed_retryable" if attempt <= self.settings.fetch_retry.retry_attempts else "failed_permanent"
-        outcome = UrlOutcome(c.url_hash, c.url, c.shard_id, state, attempt, "inference_error", message,
-                             result=_fetch_columns(item.result))  # fmt: skip
-        if state == "failed_retryable":
-            outcome.next_attempt_at = datetime.now(UTC) + timedelta(seconds=self.retry.delay(attempt))
-        return outcome
+    def _emit(self, outcome: UrlOutcome, claimed: ClaimedUrl) -> None:
+        if outcome.error_class and outcome.state != "pending":
+            self.stats.failures_by_class[outcome.error_class] += 1
+        if claimed.attempts == 0 and outcome.state != "pending":
+            self.downloads.last_fresh_outcome_at = time.monotonic()
+            self.downloads.images_at_last_fresh = self.downloads.images_to_gpu
+        self.writer.emit(outcome)
 
-    # ------------------------------------------------------------------ writing
-
-    def _emit(self, outcome: UrlOutcome) -> None:
-        self._pending_outcomes.append(outcome)
-        if len(self._pending_outcomes) >= self.settings.run.chunk_size:
-            self._start_write(self._take_chunk())
-
-    def _take_chunk(self) -> list[UrlOutcome]:
-        size = self.settings.run.chunk_size
-        chunk, self._pending_outcomes = self._pending_outcomes[:size], self._pending_outcomes[size:]
-        return chunk
-
-    def _start_write(self, chunk: list[UrlOutcome]) -> None:
-        task = asyncio.create_task(self._write(chunk))
-        self._write_tasks.add(task)
-        task.add_done_callback(self._write_tasks.discard)
-
-    async def _flush(self, force: bool = False) -> None:
-        while self._pending_outcomes:
-            self._start_write(self._take_chunk())
-        if force and self._write_tasks:
-            await asyncio.gather(*list(self._write_tasks))
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            await self._flush()
-
-    async def _write(self, chunk: list[UrlOutcome]) -> None:
-        async with self._write_slots:
-            started = time.monotonic()
-            for attempt in range(1, 11):
-                try:
-                    await self._db(work.write_outcomes, self.owner, chunk)
-                    break
-                except Exception as exc:  # the transaction rolled back: writing again is safe
-                    if attempt == 10:
-                        raise
-                    log.warning("writing %d outcomes failed (%s: %s); retrying", len(chunk),
-                                exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
-                    await asyncio.sleep(min(0.2 * 2**attempt, 10.0))
-            self.stats.stage_s["write"] += time.monotonic() - started
+    def _written(self, chunk: list[UrlOutcome], seconds: float) -> None:
+        self.stats.stage_s["write"] += seconds
         for outcome in chunk:
             self.stats.outcomes[outcome.state] += 1
-        self._outstanding -= len(chunk)
+        self.outstanding -= len(chunk)
 
     # ------------------------------------------------------------------ upkeep
+
+    async def _size_downloads(self) -> None:
+        """Every interval: the downloads in flight the work needs (engine/inflight.py), given to the fetcher."""
+        interval = self.settings.run.in_flight_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            fetcher = self.fetcher
+            if fetcher is None:
+                continue
+            in_flight = fetcher.in_flight
+            sample = Sample(
+                at=time.monotonic(), urls_completed=self.downloads.completed,
+                slot_seconds=sum(self.slot_seconds.values()), ok_completed=self.downloads.completed_ok,
+                ok_slot_seconds=self.slot_seconds["ok"], images_to_gpu=self.downloads.images_to_gpu,
+                body_bytes=self.downloads.body_bytes, in_flight=in_flight,
+                gpu_queue_fill=self.images.qsize() / max(self.images.maxsize, 1),
+                waiting_for_fetcher=self.urls.qsize(),
+            )  # fmt: skip
+            limit = await asyncio.to_thread(self.in_flight.step, sample)  # the budget reads a few small files
+            fetcher.max_in_flight = limit
+            self.downloads.sample(in_flight, limit)
 
     async def _heartbeat(self) -> None:
         interval = self.settings.run.lease_seconds / 4
@@ -405,21 +458,17 @@ class ShardRunner:
     async def _progress_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.run.progress_interval_s)
-            remaining = max(self._unfinished_at_start - self.stats.finished, 0)
-            summary = self.stats.summary(router=self._router.snapshot())
+            remaining = max(self.unfinished_at_start - self.stats.finished, 0)
+            summary = self.stats.summary(router=self.router.snapshot())
             self.progress(self.stats.progress_line(remaining), summary)
             release_free_memory()  # keeps a long run's RSS flat (see host_memory.py)
 
 
-def _fetch_columns(result: FetchResult) -> dict:
-    return {
-        "http_status": result.http_status,
-        "content_type": result.content_type,
-        "bytes": result.bytes,
-        "width": result.width,
-        "height": result.height,
-        "format": result.format,
-        "sha256": result.sha256,
-        "phash": result.phash,
-        "download_ms": result.download_ms,
-    }
+def _in_flight_bounds(settings: EngineSettings) -> InFlightBounds:
+    run, fetch = settings.run, settings.fetch
+    if not fetch.enable_prefetch:
+        return InFlightBounds(floor=1, ceiling=1)
+    floor = min(fetch.prefetch_concurrent_downloads, fetch.max_in_flight_ceiling)
+    ceiling = max(floor, fetch.max_in_flight_ceiling)
+    return InFlightBounds(floor=floor, ceiling=ceiling, byte_cap=fetch.body_bytes_in_flight,
+                          gpu_capacity_images_per_s=run.gpu_capacity_images_per_s, headroom=run.gpu_rate_headroom)  # fmt: skip

@@ -34,6 +34,26 @@ class RunSettings:
     request_fill_wait_s: float = 0.25
     # seconds between progress lines
     progress_interval_s: float = 10.0
+    # retries after the first attempt of an image the GPU server answered for with an error
+    # (inference has its own budget: a download retry says nothing about the model)
+    inference_retry_attempts: int = 2
+    # base delay of the inference retries' backoff (s)
+    inference_retry_delay_s: float = 1.0
+    # when nothing is claimable and only retries that are not due yet are left, a run waits for them
+    # at most this long (s); later ones stay in the pool with their due time for a later run
+    retry_wait_s: float = 2.0
+    # seconds a URL whose host deferred it waits when the fetcher named no time
+    host_deferral_s: float = 30.0
+    # downloads in flight (engine/inflight.py) start at and never go below the legacy
+    # prefetch_concurrent_downloads, and stay under FetchSettings.max_in_flight_ceiling and this
+    # machine-wide budget: downloads in flight of all runs on this machine together (under IMGPIPE_HOME)
+    machine_downloads_in_flight: int = 4096
+    # image rate the GPU tier can take (images/s); 0 = learn it from images waiting for the GPU tier
+    gpu_capacity_images_per_s: float = 0.0
+    # downloads are sized for the GPU tier's rate times this
+    gpu_rate_headroom: float = 1.25
+    # seconds between two sizings of the downloads in flight
+    in_flight_interval_s: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,6 +44,10 @@ class RunSummary:
     # URL state -> count over the run's shards, read after the run (None while it runs)
     final_state_counts: dict[str, int] | None = None
     router: dict[str, Any] | None = None  # the request router's snapshot: endpoints, limits, breakers
+    # downloads in flight (mean, peak, limit), slot seconds by outcome kind, the tail after the first pass
+    downloads: dict[str, Any] | None = None
+    # URLs left in the pool with a future due time (retries, deferred hosts): count, next and last due time
+    waiting_for_retry: dict[str, Any] | None = None
 
     def final_count(self, state: str) -> int:
         return (self.final_state_counts or {}).get(state, 0)
@@ -51,6 +55,10 @@ class RunSummary:
     @property
     def urls_unfinished(self) -> int:
         return sum(self.final_count(s) for s in ("pending", "leased", "failed_retryable"))
+
+    @property
+    def urls_waiting_for_retry(self) -> int:
+        return (self.waiting_for_retry or {}).get("urls", 0)
 
     @property
     def failure_ratio(self) -> float:
@@ -108,8 +116,9 @@ class RunStats:
             f"failures: {failures}"
         )
 
-    def summary(self, final_state_counts: dict[str, int] | None = None,
-                router: dict[str, Any] | None = None) -> RunSummary:  # fmt: skip
+    def summary(self, final_state_counts: dict[str, int] | None = None, router: dict[str, Any] | None = None,
+                downloads: dict[str, Any] | None = None,
+                waiting_for_retry: dict[str, Any] | None = None) -> RunSummary:  # fmt: skip
         elapsed = self.elapsed_s
         return RunSummary(
             urls_total=self.total_urls,
@@ -129,4 +138,6 @@ class RunStats:
             stage_seconds={k: round(v, 2) for k, v in self.stage_s.items()},
             final_state_counts=dict(final_state_counts) if final_state_counts is not None else None,
             router=router,
+            downloads=downloads,
+            waiting_for_retry=waiting_for_retry,
         )

@@ -105,30 +105,80 @@ SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM written)
 """  # noqa: S608 - column names are constants of this module, values are parameters
 
 
+# A URL is claimable when it is pending or retryable and due (a pending URL may carry a due time: a
+# host that asked us to wait, which costs the URL no retry), or leased by someone whose lease expired.
+_DUE = "(next_attempt_at IS NULL OR next_attempt_at <= now())"
+
+# Retries that came due and expired leases are picked before fresh URLs, so a retry happens while
+# fresh work still flows instead of in a tail after the first pass.
+_CLAIM = f"""
+WITH again AS (
+    SELECT url_hash FROM corpus_urls
+     WHERE shard_id = ANY(%(shards)s)
+       AND ((state = 'failed_retryable' AND {_DUE}) OR (state = 'leased' AND lease_expires_at < now()))
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), fresh AS (
+    SELECT url_hash FROM corpus_urls
+     WHERE shard_id = ANY(%(shards)s) AND state = 'pending' AND {_DUE}
+     LIMIT greatest(%(limit)s - (SELECT count(*) FROM again), 0)
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE corpus_urls c
+   SET state = 'leased', lease_owner = %(owner)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_s)s), updated_at = now()
+  FROM (SELECT url_hash FROM again UNION ALL SELECT url_hash FROM fresh) pick
+ WHERE c.url_hash = pick.url_hash
+RETURNING c.url_hash, c.url, c.shard_id, c.attempts
+"""  # noqa: S608 - fixed fragments of this module only
+
+
 def claim(
     conn: psycopg.Connection, owner: str, shard_ids: Sequence[str], limit: int, lease_s: float
 ) -> list[ClaimedUrl]:
-    """Lease up to ``limit`` claimable URLs of the shards: pending, retryable past their backoff,
-    or leased by someone whose lease expired. SKIP LOCKED lets concurrent runs claim side by side."""
+    """Lease up to ``limit`` claimable URLs of the shards: due retries and expired leases first, then
+    due pending URLs. SKIP LOCKED lets concurrent runs claim side by side."""
     rows = conn.execute(
-        """
-        UPDATE corpus_urls c
-           SET state = 'leased', lease_owner = %(owner)s,
-               lease_expires_at = now() + make_interval(secs => %(lease_s)s), updated_at = now()
-          FROM (SELECT url_hash FROM corpus_urls
-                 WHERE shard_id = ANY(%(shards)s)
-                   AND (state = 'pending'
-                        OR (state = 'failed_retryable' AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
-                        OR (state = 'leased' AND lease_expires_at < now()))
-                 LIMIT %(limit)s
-                 FOR UPDATE SKIP LOCKED) pick
-         WHERE c.url_hash = pick.url_hash
-     RETURNING c.url_hash, c.url, c.shard_id, c.attempts
-        """,
-        {"owner": owner, "lease_s": lease_s, "shards": list(shard_ids), "limit": limit},
+        _CLAIM, {"owner": owner, "lease_s": lease_s, "shards": list(shard_ids), "limit": limit}
     ).fetchall()
     conn.commit()
     return [ClaimedUrl(bytes(h), url, shard, attempts) for h, url, shard, attempts in rows]
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What of a set of shards is not final, as the end of a run sees it."""
+
+    # pending, or retryable and due, or leased with an expired lease: a run can take it now
+    claimable: int = 0
+    # retryable or deferred with a due time in the future (left in the pool for a later run)
+    waiting: int = 0
+    # leased by a live run (its lease has not expired)
+    leased: int = 0
+    # earliest and latest due time of the waiting URLs
+    next_due_at: datetime | None = None
+    last_due_at: datetime | None = None
+
+    @property
+    def unfinished(self) -> int:
+        return self.claimable + self.waiting + self.leased
+
+
+def leftover(conn: psycopg.Connection, shard_ids: Sequence[str]) -> Leftover:
+    row = conn.execute(
+        f"""
+        SELECT count(*) FILTER (WHERE state IN ('pending', 'failed_retryable') AND {_DUE}
+                                   OR state = 'leased' AND lease_expires_at < now()),
+               count(*) FILTER (WHERE state IN ('pending', 'failed_retryable') AND NOT {_DUE}),
+               count(*) FILTER (WHERE state = 'leased' AND lease_expires_at >= now()),
+               min(next_attempt_at) FILTER (WHERE state IN ('pending', 'failed_retryable') AND NOT {_DUE}),
+               max(next_attempt_at) FILTER (WHERE state IN ('pending', 'failed_retryable') AND NOT {_DUE})
+          FROM corpus_urls
+         WHERE shard_id = ANY(%s) AND state IN ('pending', 'leased', 'failed_retryable')
+        """,  # noqa: S608 - fixed fragments only
+        (list(shard_ids),),
+    ).fetchone()
+    return Leftover(*row)
 
 
 def renew_leases(conn: psycopg.Connection, owner: str, lease_s: float) -> int:
@@ -147,9 +197,10 @@ def renew_leases(conn: psycopg.Connection, owner: str, lease_s: float) -> int:
 
 def release_leases(conn: psycopg.Connection, owner: str) -> int:
     """Return every URL this owner still leases to pending without spending a retry (a crashed run,
-    a failed run's cleanup, a GPU outage at the end of a run)."""
+    a failed run's cleanup, a GPU outage at the end of a run); claimable at once."""
     cur = conn.execute(
-        "UPDATE corpus_urls SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+        "UPDATE corpus_urls SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+        " next_attempt_at = NULL, updated_at = now()"
         " WHERE state = 'leased' AND lease_owner = %s",
         (owner,),
     )

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgpipe_dagster.profiles import PROFILE_NAMES, STEP_DOWN, STEP_UP, resolve
+from imgpipe_dagster.throttle import blame
 
 # Error classes (imgpipe_dagster.fetch.errors.ErrorClass values) that count as timeouts.
-TIMEOUT_CLASSES = ("read_timeout", "connect_timeout", "deadline")
+TIMEOUT_CLASSES = tuple(sorted(blame.TIMEOUTS))
 SETTINGS_ENV_PREFIX = "IMGPIPE_THROTTLE_"
 
 ACTIONS = ("submit", "hold", "idle", "step_down", "step_up", "pause", "resume")
@@ -161,6 +162,13 @@ class WindowStats:
     # True when window_max_rows cut the window short (the rate is then a lower bound)
     capped: bool = False
     top_errors: tuple[tuple[str, int], ...] = ()
+    # failures (final + retryable) that are the web's fault, not ours (throttle/blame.py), and the
+    # timeouts among them: the ratios the throttle acts on leave them out
+    web_failed: int = 0
+    web_timeouts: int = 0
+    # hosts seen in the window, and those with host-level failures (throttle/blame.py)
+    hosts: int = 0
+    hosts_failing: int = 0
 
     @property
     def samples(self) -> int:
@@ -168,11 +176,18 @@ class WindowStats:
 
     @property
     def failure_ratio(self) -> float:
-        return (self.failed + self.retryable) / self.samples if self.samples else 0.0
+        """Share of the window that failed by our fault (network, GPU tier, our code)."""
+        ours = self.failed + self.retryable - self.web_failed
+        return ours / self.samples if self.samples else 0.0
+
+    @property
+    def web_failure_ratio(self) -> float:
+        return self.web_failed / self.samples if self.samples else 0.0
 
     @property
     def timeout_ratio(self) -> float:
-        return (self.timeouts + self.retryable_timeouts) / self.samples if self.samples else 0.0
+        ours = self.timeouts + self.retryable_timeouts - self.web_timeouts
+        return ours / self.samples if self.samples else 0.0
 
     @property
     def rate_per_s(self) -> float:
@@ -230,6 +245,7 @@ class TickInputs:
     def as_dict(self) -> dict:
         window = dataclasses.asdict(self.window) | {
             "samples": self.window.samples, "failure_ratio": round(self.window.failure_ratio, 4),
+            "web_failure_ratio": round(self.window.web_failure_ratio, 4),
             "timeout_ratio": round(self.window.timeout_ratio, 4), "rate_per_s": round(self.window.rate_per_s, 3),
         }  # fmt: skip
         backlog = dataclasses.asdict(self.backlog)
@@ -357,111 +373,125 @@ def assess(window: WindowStats, limits: ProfileLimits, settings: ThrottleSetting
 
 
 def decide(inputs: TickInputs, state: ThrottleState, settings: ThrottleSettings) -> Decision:
-    now = inputs.now
+    """One tick: the profile step (pause, resume, step down or up), then the runs to submit."""
     previous = state.profile
     new = dataclasses.replace(state, ticks=state.ticks + 1)
     verdict, reasons = assess(inputs.window, settings.profiles[previous], settings)
-    known_gpus = list(inputs.gpus)
-    all_gpus_down = bool(known_gpus) and all(g.down for g in known_gpus)
-    action: str | None = None
-    reason = "; ".join(reasons)
-
-    def can_change() -> bool:
-        return new.last_change_at is None or now - new.last_change_at >= settings.min_dwell_s
-
-    def pause(kind: str, why: str) -> None:
-        nonlocal action, reason
-        if not new.paused:
-            action = "pause"
-            new.paused_since = now
-        else:
-            action = "hold"
-        new.paused, new.pause_kind, new.pause_reason = True, kind, why
-        new.healthy_since = None
-        reason = ("paused: " if action == "pause" else "still paused: ") + why
-
-    if all_gpus_down:
-        down = ", ".join(f"{g.url} ({g.error or g.status})" for g in known_gpus)
-        pause(PAUSE_GPU, f"every GPU server is down: {down}")
-    elif (
-        new.paused
-        and new.pause_kind == PAUSE_FAILURES
-        and (
-            now - (now if new.paused_since is None else new.paused_since) < settings.pause_min_s
-            or verdict == "broken"
-        )
-    ):
-        # runs that were in flight at the pause may still be failing: the window must clear first
-        pause(PAUSE_FAILURES, reason if verdict == "broken" else new.pause_reason or "failure ratio")
-    elif new.paused:
-        # GPUs answer again, or a failure pause has lasted pause_min_s: resume (failure pauses as a
-        # conservative probe, since whatever broke may still be broken).
-        was = new.pause_reason
-        if new.pause_kind == PAUSE_FAILURES:
-            new.profile = "conservative"
-        new.paused, new.pause_kind, new.pause_reason, new.paused_since = False, None, None, None
-        new.last_change_at, new.healthy_since = now, None
-        action, reason = "resume", f"resumed at {new.profile} (was: {was})"
-    elif verdict == "broken":
-        pause(PAUSE_FAILURES, reason)
-    elif verdict == "degraded":
-        new.healthy_since = None
-        if new.profile != STEP_DOWN[new.profile] and can_change():
-            new.profile = STEP_DOWN[new.profile]
-            new.last_change_at = now
-            action, reason = "step_down", f"{previous} -> {new.profile}: {reason}"
-        else:
-            reason = f"degraded ({reason}); " + (
-                "already conservative" if new.profile == "conservative" else "holding the profile (min dwell)"
-            )
-    elif verdict == "healthy":
-        new.healthy_since = new.healthy_since if new.healthy_since is not None else now
-        healthy_for = now - new.healthy_since
-        target = STEP_UP[new.profile]
-        if (
-            healthy_for >= settings.healthy_period_s
-            and target != new.profile
-            and _order(target) <= _order(settings.max_profile)
-            and can_change()
-        ):
-            new.profile, new.last_change_at, new.healthy_since = target, now, now
-            action, reason = "step_up", f"{previous} -> {target}: healthy for {healthy_for:.0f} s ({reason})"
-        else:
-            reason = f"healthy for {healthy_for:.0f} s of {settings.healthy_period_s:.0f} s ({reason})"
-    else:
-        new.healthy_since = None
-
+    action, reason = _profile_step(inputs, new, verdict, "; ".join(reasons), settings)
     limit = settings.profiles[new.profile].max_concurrent_workers
     free = max(0, limit - inputs.runs_in_flight)
     submit: tuple[str, ...] = ()
     if not new.paused:
-        in_flight = set(inputs.shards_in_flight)
-        up = [g for g in known_gpus if not g.down]
-        saturated = bool(up) and all(g.queue_fill >= settings.gpu_queue_hold_fraction for g in up)
-        candidates = [s for s in inputs.backlog.candidates if s not in in_flight]
-        if saturated:
-            if action is None:
-                action = "hold"
-            reason += f"; GPU queues full ({', '.join(f'{g.queue_size}/{g.queue_capacity}' for g in up)})"
-        else:
-            submit = tuple(candidates[: min(free, settings.max_submit_per_tick)])
-        if action is None:
-            if submit:
-                action = "submit"
-            elif not candidates:
-                action = "idle"
-                reason = f"no claimable shard ({inputs.backlog.shards_with_work} with work, all in flight or " \
-                         f"parked); {reason}"  # fmt: skip
-            else:
-                action = "hold"
-                reason = f"at the limit: {inputs.runs_in_flight} runs in flight of {limit} ({new.profile}); {reason}"
-        if submit:
-            reason = (
-                f"{len(submit)} shard run(s) into {free} free slot(s) of {limit} ({new.profile}); {reason}"
-            )
-
+        action, reason, submit = _submissions(inputs, new.profile, action, reason, limit, free, settings)
     new.last_action, new.last_reason = action, reason
     return Decision(
         action=action or "hold", profile=new.profile, previous_profile=previous, paused=new.paused, reason=reason,
         submit=submit, limit=limit, free_slots=free, verdict=verdict, state=new,
     )  # fmt: skip
+
+
+_Step = tuple[str | None, str]  # (action or None for "nothing yet", reason)
+
+
+def _profile_step(inputs: TickInputs, new: ThrottleState, verdict: str, reason: str, settings: ThrottleSettings) -> _Step:
+    """Pause, stay paused, resume, step down, step up or keep the profile; updates ``new``."""
+    gpus = inputs.gpus
+    if gpus and all(g.down for g in gpus):
+        down = ", ".join(f"{g.url} ({g.error or g.status})" for g in gpus)
+        return _pause(new, inputs.now, PAUSE_GPU, f"every GPU server is down: {down}")
+    if new.paused and new.pause_kind == PAUSE_FAILURES and _failure_pause_holds(new, inputs.now, verdict, settings):
+        # runs that were in flight at the pause may still be failing: the window must clear first
+        return _pause(new, inputs.now, PAUSE_FAILURES, reason if verdict == "broken" else new.pause_reason or "failure ratio")
+    if new.paused:
+        return _resume(new, inputs.now)
+    if verdict == "broken":
+        return _pause(new, inputs.now, PAUSE_FAILURES, reason)
+    if verdict == "degraded":
+        return _step_down(new, inputs.now, reason, settings)
+    if verdict == "healthy":
+        return _step_up_when_healthy_long_enough(new, inputs.now, reason, settings)
+    new.healthy_since = None
+    return None, reason
+
+
+def _pause(new: ThrottleState, now: float, kind: str, why: str) -> _Step:
+    action = "hold" if new.paused else "pause"
+    if not new.paused:
+        new.paused_since = now
+    new.paused, new.pause_kind, new.pause_reason = True, kind, why
+    new.healthy_since = None
+    return action, ("paused: " if action == "pause" else "still paused: ") + why
+
+
+def _failure_pause_holds(new: ThrottleState, now: float, verdict: str, settings: ThrottleSettings) -> bool:
+    paused_for = now - (now if new.paused_since is None else new.paused_since)
+    return paused_for < settings.pause_min_s or verdict == "broken"
+
+
+def _resume(new: ThrottleState, now: float) -> _Step:
+    """GPUs answer again, or a failure pause lasted pause_min_s: resume (a failure pause as a
+    conservative probe, since whatever broke may still be broken)."""
+    was = new.pause_reason
+    if new.pause_kind == PAUSE_FAILURES:
+        new.profile = "conservative"
+    new.paused, new.pause_kind, new.pause_reason, new.paused_since = False, None, None, None
+    new.last_change_at, new.healthy_since = now, None
+    return "resume", f"resumed at {new.profile} (was: {was})"
+
+
+def _can_change(new: ThrottleState, now: float, settings: ThrottleSettings) -> bool:
+    return new.last_change_at is None or now - new.last_change_at >= settings.min_dwell_s
+
+
+def _step_down(new: ThrottleState, now: float, reason: str, settings: ThrottleSettings) -> _Step:
+    new.healthy_since = None
+    previous = new.profile
+    if previous != STEP_DOWN[previous] and _can_change(new, now, settings):
+        new.profile, new.last_change_at = STEP_DOWN[previous], now
+        return "step_down", f"{previous} -> {new.profile}: {reason}"
+    held = "already conservative" if previous == "conservative" else "holding the profile (min dwell)"
+    return None, f"degraded ({reason}); {held}"
+
+
+def _step_up_when_healthy_long_enough(new: ThrottleState, now: float, reason: str, settings: ThrottleSettings) -> _Step:
+    new.healthy_since = new.healthy_since if new.healthy_since is not None else now
+    healthy_for = now - new.healthy_since
+    previous, target = new.profile, STEP_UP[new.profile]
+    if (
+        healthy_for >= settings.healthy_period_s
+        and target != previous
+        and _order(target) <= _order(settings.max_profile)
+        and _can_change(new, now, settings)
+    ):
+        new.profile, new.last_change_at, new.healthy_since = target, now, now
+        return "step_up", f"{previous} -> {target}: healthy for {healthy_for:.0f} s ({reason})"
+    return None, f"healthy for {healthy_for:.0f} s of {settings.healthy_period_s:.0f} s ({reason})"
+
+
+def _submissions(
+    inputs: TickInputs, profile: str, action: str | None, reason: str, limit: int, free: int,
+    settings: ThrottleSettings,
+) -> tuple[str | None, str, tuple[str, ...]]:
+    """Shard runs into the free slots, unless the GPU servers' queues are nearly full."""
+    in_flight = set(inputs.shards_in_flight)
+    up = [g for g in inputs.gpus if not g.down]
+    candidates = [s for s in inputs.backlog.candidates if s not in in_flight]
+    submit: tuple[str, ...] = ()
+    if bool(up) and all(g.queue_fill >= settings.gpu_queue_hold_fraction for g in up):
+        action = action or "hold"
+        reason += f"; GPU queues full ({', '.join(f'{g.queue_size}/{g.queue_capacity}' for g in up)})"
+    else:
+        submit = tuple(candidates[: min(free, settings.max_submit_per_tick)])
+    if action is None:
+        if submit:
+            action = "submit"
+        elif not candidates:
+            action = "idle"
+            reason = f"no claimable shard ({inputs.backlog.shards_with_work} with work, all in flight or " \
+                     f"parked); {reason}"  # fmt: skip
+        else:
+            action = "hold"
+            reason = f"at the limit: {inputs.runs_in_flight} runs in flight of {limit} ({profile}); {reason}"
+    if submit:
+        reason = f"{len(submit)} shard run(s) into {free} free slot(s) of {limit} ({profile}); {reason}"
+    return action, reason, submit

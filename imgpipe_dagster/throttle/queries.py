@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import psycopg
 from psycopg.types.json import Jsonb
 
+from imgpipe_dagster.throttle import blame
 from imgpipe_dagster.throttle.decide import TIMEOUT_CLASSES, Backlog, Decision, WindowStats
 
 # Unfinished URLs are counted up to this many per tick (the exact count is progress_report's job).
@@ -26,20 +27,24 @@ URLS_UNFINISHED_CAP = 200_000
 
 _WINDOW = """
 WITH recent AS (
-    SELECT status, error_class, inference_ms, download_ms
+    SELECT status, error_class, inference_ms, download_ms, url
       FROM url_analysis_results
      WHERE created_at > now() - make_interval(secs => %(window_s)s)
      ORDER BY created_at DESC
      LIMIT %(cap)s
 ), retry AS (
-    SELECT last_error_class
+    SELECT last_error_class, url
       FROM corpus_urls
      WHERE state = 'failed_retryable' AND updated_at > now() - make_interval(secs => %(window_s)s)
      LIMIT %(cap)s
 ), errors AS (
-    SELECT error_class FROM recent WHERE status <> 'ok'
+    SELECT error_class, url FROM recent WHERE status <> 'ok'
     UNION ALL
-    SELECT last_error_class FROM retry
+    SELECT last_error_class, url FROM retry
+), hosts AS (
+    SELECT substring(url from '^[^:]+://([^/?#]*)') AS host FROM recent
+    UNION
+    SELECT substring(url from '^[^:]+://([^/?#]*)') FROM retry
 )
 SELECT (SELECT count(*) FROM recent),
        (SELECT count(*) FROM recent WHERE status <> 'ok'),
@@ -47,20 +52,27 @@ SELECT (SELECT count(*) FROM recent),
        (SELECT count(*) FROM retry),
        (SELECT count(*) FROM retry WHERE last_error_class = ANY(%(timeouts)s)),
        (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY inference_ms) FROM recent),
-       (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY download_ms) FROM recent),
+       -- downloads that brought an image: hosts that hang until the deadline are the web's, not a
+       -- sign that our network struggles
+       (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY download_ms) FROM recent WHERE status = 'ok'),
        (SELECT coalesce(jsonb_agg(jsonb_build_array(cls, n)), '[]'::jsonb)
           FROM (SELECT coalesce(error_class, 'unknown') AS cls, count(*) AS n
-                  FROM errors GROUP BY 1 ORDER BY 2 DESC LIMIT 5) top)
+                  FROM errors GROUP BY 1 ORDER BY 2 DESC LIMIT 5) top),
+       (SELECT count(*) FROM errors WHERE error_class = ANY(%(web)s)),
+       (SELECT count(*) FROM errors WHERE error_class = ANY(%(either)s)),
+       (SELECT count(*) FROM hosts),
+       (SELECT count(DISTINCT substring(url from '^[^:]+://([^/?#]*)')) FROM errors
+         WHERE error_class = ANY(%(either)s))
 """
 
-# A shard has claimable work when one of its URLs is pending, retryable past its backoff, or leased
+# A shard has claimable work when one of its URLs is pending or retryable and due, or leased
 # by a run whose lease expired. The state list is the index condition; the rest filters its rows.
 _CLAIMABLE = """
     EXISTS (SELECT 1 FROM corpus_urls c
              WHERE c.shard_id = s.shard_id
                AND c.state IN ('pending', 'failed_retryable', 'leased')
-               AND (c.state = 'pending'
-                    OR (c.state = 'failed_retryable' AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now()))
+               AND (c.state IN ('pending', 'failed_retryable')
+                    AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= now())
                     OR (c.state = 'leased' AND c.lease_expires_at < now())))
 """
 
@@ -72,9 +84,13 @@ _WITH_WORK = """
 
 def read_window(conn: psycopg.Connection, window_s: float, max_rows: int) -> WindowStats:
     row = conn.execute(
-        _WINDOW, {"window_s": window_s, "cap": max_rows, "timeouts": list(TIMEOUT_CLASSES)}
-    ).fetchone()
-    results, failed, timeouts, retryable, retryable_timeouts, p95_inference, p95_download, top = row
+        _WINDOW,
+        {"window_s": window_s, "cap": max_rows, "timeouts": list(TIMEOUT_CLASSES),
+         "web": sorted(blame.WEB_SIDE), "either": sorted(blame.EITHER)},
+    ).fetchone()  # fmt: skip
+    (results, failed, timeouts, retryable, retryable_timeouts, p95_inference, p95_download, top,
+     web_side, either, hosts, hosts_failing) = row  # fmt: skip
+    ours = blame.spread_is_ours(hosts, hosts_failing)
     return WindowStats(
         window_s=window_s, results=results, failed=failed, timeouts=timeouts, retryable=retryable,
         retryable_timeouts=retryable_timeouts,
@@ -82,6 +98,9 @@ def read_window(conn: psycopg.Connection, window_s: float, max_rows: int) -> Win
         p95_download_ms=float(p95_download) if p95_download is not None else None,
         capped=results >= max_rows or retryable >= max_rows,
         top_errors=tuple((str(cls), int(n)) for cls, n in top),
+        web_failed=web_side + (0 if ours else either),
+        web_timeouts=0 if ours else timeouts + retryable_timeouts,
+        hosts=hosts, hosts_failing=hosts_failing,
     )  # fmt: skip
 
 

@@ -1,12 +1,14 @@
 """Leases and exactly-once outcome writes against a real PostgreSQL."""
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from imgpipe_dagster.store.work import (
     UrlOutcome,
     claim,
+    leftover,
     release_leases,
     renew_leases,
     shard_state_counts,
@@ -96,3 +98,28 @@ def test_both_writers_agree_and_text_round_trips(conn, writer):
     writer(conn, "run-a", [outcome(c, "done", model_text=text, analysis={"t": text.replace("\x00", "")}) for c in claimed])
     stored = conn.execute("SELECT model_text FROM url_analysis_results").fetchall()
     assert stored == [(text.replace("\x00", ""),)] * 2
+
+
+def test_due_retries_are_claimed_before_fresh_urls(conn):
+    seed(conn, n=10)
+    first = claim(conn, "run-a", ["s000001"], 2, 60)
+    retries = [outcome(c, "failed_retryable") for c in first]
+    write_outcomes(conn, "run-a", retries)  # next_attempt_at NULL: due at once
+    again = claim(conn, "run-a", ["s000001"], 3, 60)
+    assert {c.url_hash for c in first} <= {c.url_hash for c in again}
+    assert sorted(c.attempts for c in again) == [0, 1, 1]
+
+
+def test_a_deferred_url_waits_for_its_due_time_without_spending_an_attempt(conn):
+    seed(conn, n=2)
+    later, now = claim(conn, "run-a", ["s000001"], 2, 60)
+    deferred = [outcome(later, "pending"), outcome(now, "pending")]
+    deferred[0].next_attempt_at = datetime.now(UTC) + timedelta(hours=1)
+    deferred[1].next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
+    assert write_outcomes(conn, "run-a", deferred) == (2, 0)
+
+    left = leftover(conn, ["s000001"])
+    assert (left.claimable, left.waiting, left.leased) == (1, 1, 0)
+    assert left.next_due_at == left.last_due_at == deferred[0].next_attempt_at
+    (claimed,) = claim(conn, "run-b", ["s000001"], 2, 60)
+    assert claimed.url_hash == now.url_hash and claimed.attempts == now.attempts == 0
