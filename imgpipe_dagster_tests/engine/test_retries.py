@@ -8,9 +8,11 @@ import time
 from dataclasses import replace
 
 from imgpipe_dagster.engine.runner import ShardRunner
-from imgpipe_dagster.engine.settings import EngineSettings, engine_settings
+from imgpipe_dagster.engine.settings import EngineSettings
+from imgpipe_dagster.engine.stats import RunSummary
 from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.profiles import resolve
+from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.store import work
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster_tests.engine.conftest import LoggedHost
@@ -33,7 +35,7 @@ def small_run(retry_delay: float, **run_overrides) -> EngineSettings:
     return replace(settings, run=replace(settings.run, **run_overrides))
 
 
-def run_shard(database_url: str, owner: str, settings: EngineSettings, endpoint: str) -> dict:
+def run_shard(database_url: str, owner: str, settings: EngineSettings, endpoint: str) -> RunSummary:
     return ShardRunner(database_url, owner, [SHARD], settings, [endpoint], progress=lambda line, summary: None).run()
 
 
