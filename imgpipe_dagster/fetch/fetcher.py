@@ -372,7 +372,8 @@ class ImageFetcher:
         result.error = error
         result.http_status = error.http_status
         result.download_ms = slot_s * 1000.0
-        self.slot_seconds[error.error_class.value] += slot_s
+        if slot_s:  # deferred, unreachable and invalid URLs never held a slot
+            self.slot_seconds[error.error_class.value] += slot_s
         return result
 
     async def _download_in_slot(self, first: httpx.URL, progress: _Progress) -> tuple[_Download, float]:
