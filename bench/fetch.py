@@ -66,6 +66,9 @@ def run_imgpipe(urls_file: Path, concurrency: int, threads: int) -> dict:
         prefetch_queue_size=2 * concurrency,
         connection_pool_size=concurrency,
         per_host_limit=concurrency,
+        # one loopback host serves the whole run: a throughput comparison with img2dataset (which has
+        # no per-host rate), not a crawl, so the per-host request rate does not apply
+        per_host_requests_per_s=1e6,
         image_resize_threads=threads,
         target_pixels=TARGET_SIDE * TARGET_SIDE,
         # throughput run: img2dataset's 10 s is a per-socket timeout with no total deadline, so give

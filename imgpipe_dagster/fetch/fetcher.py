@@ -55,6 +55,8 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5"
 # h11's messages for a connection that ended early: the peer went away, which a retry may survive
 _EARLY_CLOSE_MARKERS = ("peer closed connection", "server disconnected")
+# how often a full look-ahead looks again at whether the URL in hand could be deferred at once
+_ROOM_RECHECK_S = 0.5
 # the httpcore trace event at which the request is on its way: the time-to-first-byte clock starts
 _REQUEST_SENT_EVENT = "http11.send_request_headers.started"
 
@@ -105,6 +107,14 @@ def origin_key(url: httpx.URL) -> str:
     """The host a URL belongs to for health and politeness: scheme, name and port."""
     port = url.port or (443 if url.scheme == "https" else 80)
     return f"{url.scheme}://{url.host}:{port}"
+
+
+def _origin_of(url: object) -> str | None:
+    """origin_key of an unchecked URL string, or None (it will fail as INVALID_URL anyway)."""
+    try:
+        return origin_key(httpx.URL(str(url).strip()))
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError):
+        return None
 
 
 def prepare_url(url: str, resolver: SafeResolver) -> httpx.URL:
@@ -203,8 +213,7 @@ class ImageFetcher:
             timeout_s=s.dns_timeout_s,
             lookup=lookup,
         )
-        # a host may keep a quarter of the look-ahead waiting at its gate (at least twice its limit)
-        self.hosts = HostBook(s, queue_cap=lambda: max(2 * s.per_host_limit, self._lookahead() // 4))
+        self.hosts = HostBook(s)
         self._client: httpx.AsyncClient | None = None
         self._transport: SafeTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -363,7 +372,8 @@ class ImageFetcher:
         result.error = error
         result.http_status = error.http_status
         result.download_ms = slot_s * 1000.0
-        self.slot_seconds[error.error_class.value] += slot_s
+        if slot_s:  # deferred, unreachable and invalid URLs never held a slot
+            self.slot_seconds[error.error_class.value] += slot_s
         return result
 
     async def _download_in_slot(self, first: httpx.URL, progress: _Progress) -> tuple[_Download, float]:
@@ -622,8 +632,8 @@ class ImageFetcher:
         self, items: Iterable[tuple[Any, str]] | AsyncIterable[tuple[Any, str]]
     ) -> AsyncIterator[FetchResult]:
         """Fetch every (key, url) with up to ``max_in_flight`` in flight; one result per item, in
-        completion order. At most twice ``max_in_flight`` items are taken from the input ahead of the
-        results handed out (plus the results queue)."""
+        completion order. At most twice ``max_in_flight`` items (and the one in hand) are taken from
+        the input ahead of the results handed out (plus the results queue)."""
         settings = self.settings
         queue_size = settings.prefetch_queue_size if settings.enable_prefetch else 1
         results: asyncio.Queue[FetchResult | _Done] = asyncio.Queue(maxsize=queue_size)
@@ -645,13 +655,22 @@ class ImageFetcher:
             try:
                 async with asyncio.TaskGroup() as group:
                     while True:
-                        while pending >= self._lookahead():
-                            room.clear()
-                            await room.wait()
                         item = await source.next()
                         if item is None:
                             break
-                        pending += 1
+                        origin = _origin_of(item[1])
+                        while pending >= self._lookahead() and not self.hosts.would_defer(origin):
+                            # a host hoarding the look-ahead gives up its newest URL (deferred) to
+                            # another host's URL; then wait for a URL to finish, looking again now
+                            # and then (a hanging host shows itself only as its requests age)
+                            self.hosts.make_room(origin)
+                            room.clear()
+                            try:  # asyncio.timeout, not wait_for: wait_for can swallow a cancel
+                                async with asyncio.timeout(_ROOM_RECHECK_S):
+                                    await room.wait()
+                            except TimeoutError:
+                                pass
+                        pending += 1  # a URL its host defers at once passes even a full look-ahead
                         group.create_task(one(*item))
             except asyncio.CancelledError:
                 raise

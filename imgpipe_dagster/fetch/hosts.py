@@ -14,9 +14,10 @@ fetcher's global slots while it waits. The gate admits in arrival order while th
   ``host_probes_before_unreachable`` failed probes the host is unreachable (HOST_UNREACHABLE);
 - **pause**: a 429 or 503 pauses the whole host for its Retry-After (or ``host_pause_default_s``)
   and halves its window; URLs arriving meanwhile come back HOST_DEFERRED until the pause ends;
-- **queue length**: a URL that would wait longer than ``host_queue_wait_s`` behind its host's queue,
-  or find a quarter of the fetcher's look-ahead (at least 2 × ``per_host_limit``) queued there,
-  is deferred, so one busy or failing host cannot fill the look-ahead while other hosts could run.
+- **queue length**: a URL expected to wait longer than ``host_queue_wait_s`` behind its host's queue
+  is deferred: on arrival, or when the fetcher's look-ahead is full and another host's URL needs the
+  room (:meth:`HostBook.make_room`), so one slow or hanging host cannot fill the look-ahead. The
+  estimate counts a request in flight as taking at least its age, so a hanging host shows at once.
 
 State lives as long as the fetcher (one run); a host's entry is kept while it is remembered as
 broken or paused, and dropped when it is healthy and idle, so millions of hosts do not pile up.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgpipe_dagster.fetch.errors import ErrorClass, FetchError
@@ -60,6 +60,7 @@ class Admission:
 
     host: HostState
     probe: bool  # this request decides whether an open breaker closes
+    started_at: float  # loop time it was admitted
     answered: bool = False  # the host answered this request (see HostBook.answered)
 
 
@@ -78,6 +79,7 @@ class HostState:
     unreachable: bool = False
     blocked_until: float = 0.0  # breaker's next probe or a pause's end (loop time)
     mean_request_s: float = 0.0  # running mean of request time, to estimate queue waits
+    active_started: list = field(default_factory=list)  # loop times the requests in flight began
     timer: asyncio.TimerHandle | None = None  # wakes the gate when a token or a probe is due
     robots: object = None  # the host's parsed robots.txt (see robots.py), once fetched
 
@@ -85,10 +87,8 @@ class HostState:
 class HostBook:
     """Per-host gates of one fetcher (one event loop)."""
 
-    def __init__(self, settings: FetchSettings, queue_cap: Callable[[], int] | None = None) -> None:
+    def __init__(self, settings: FetchSettings) -> None:
         self.settings = settings
-        # most URLs one host may keep waiting at its gate (the fetcher passes a share of its look-ahead)
-        self._queue_cap = queue_cap or (lambda: 1_000_000)
         self._hosts: dict[str, HostState] = {}
 
     def __len__(self) -> int:
@@ -127,17 +127,52 @@ class HostBook:
         if host.blocked_until > now:
             raise _deferred(host, host.blocked_until - now)
         wait = self._expected_wait(host, queued)
-        if wait > self.settings.host_queue_wait_s or queued >= self._queue_cap():
+        if wait > self.settings.host_queue_wait_s:
             self._forget_if_idle(host)
             raise _deferred(host, max(wait, _MIN_QUEUE_DEFERRAL_S), why=f"{queued} URLs queued ahead")
+
+    def make_room(self, for_key: str | None) -> bool:
+        """The fetcher's look-ahead is full and a URL of host ``for_key`` is in hand: defer the newest
+        URL waiting at another host when it is expected to wait longer than ``host_queue_wait_s``
+        (the same rule as for a URL arriving there now). True when one was deferred."""
+        longest: HostState | None = None
+        longest_wait = self.settings.host_queue_wait_s
+        for host in self._hosts.values():
+            if host.key != for_key and host.waiters:
+                wait = self._expected_wait(host, len(host.waiters) - 1)
+                if wait > longest_wait:
+                    longest, longest_wait = host, wait
+        if longest is None:
+            return False
+        while longest.waiters:
+            future = longest.waiters.pop()
+            if not future.done():
+                wait = max(self._expected_wait(longest, len(longest.waiters)), _MIN_QUEUE_DEFERRAL_S)
+                future.set_exception(_deferred(longest, wait, why="queued behind its own host while others wait"))
+                return True
+        return False
 
     def _expected_wait(self, host: HostState, queued: int) -> float:
         if queued == 0:
             return 0.0
         # a healthy host is heading for its full window (slow start doubles it per answer)
         parallel = host.window if host.consecutive_failures else self.settings.per_host_limit
-        per_request = max(1.0 / self.settings.per_host_requests_per_s, host.mean_request_s / max(parallel, 1))
+        # a request still in flight has taken at least its age: a new host that hangs shows it at once
+        now = asyncio.get_running_loop().time()
+        oldest_age = now - min(host.active_started) if host.active_started else 0.0
+        request_s = max(host.mean_request_s, oldest_age)
+        per_request = max(1.0 / self.settings.per_host_requests_per_s, request_s / max(parallel, 1))
         return queued * per_request
+
+    def would_defer(self, key: str | None) -> bool:
+        """True when a URL of host ``key`` arriving now would come back HOST_DEFERRED or
+        HOST_UNREACHABLE at once (so it needs no room in the fetcher's look-ahead)."""
+        host = self._hosts.get(key) if key is not None else None
+        if host is None:
+            return False
+        if host.unreachable or host.blocked_until > asyncio.get_running_loop().time():
+            return True
+        return self._expected_wait(host, len(host.waiters)) > self.settings.host_queue_wait_s
 
     def _refill(self, host: HostState, now: float) -> None:
         rate = self.settings.per_host_requests_per_s
@@ -167,9 +202,10 @@ class HostBook:
                 return
             host.tokens -= 1.0
             host.active += 1
+            host.active_started.append(now)
             probe = host.breaker_open
             host.probing = probe
-            host.waiters.popleft().set_result(Admission(host, probe))
+            host.waiters.popleft().set_result(Admission(host, probe, started_at=now))
 
     def _wake_at(self, host: HostState, when: float) -> None:
         if host.timer is not None and host.timer.when() <= when:
@@ -211,6 +247,7 @@ class HostBook:
         loop = asyncio.get_running_loop()
         now = loop.time()
         host.active -= 1
+        host.active_started.remove(admission.started_at)
         if admission.probe:
             host.probing = False
         if elapsed_s is not None:

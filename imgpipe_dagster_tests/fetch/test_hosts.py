@@ -136,8 +136,10 @@ def test_a_503_pauses_the_host_and_the_url_keeps_its_own_retryable_class() -> No
 
 def test_one_hanging_host_does_not_hold_the_others_back() -> None:
     # sixteen slots, a look-ahead of 32, eight per host; the hanging host's first request waits 20 s
+    # (a URL expected to wait over 5 s at its host's gate is deferred)
     settings = fault_test_settings(prefetch_concurrent_downloads=16, per_host_limit=8, ttfb_timeout_s=20.0,
-                                   read_timeout_s=25.0, prefetch_download_timeout=30.0)  # fmt: skip
+                                   read_timeout_s=25.0, prefetch_download_timeout=30.0,
+                                   host_queue_wait_s=5.0)  # fmt: skip
     with (
         ImageServer(loopback_address(50), behaviour="hang") as hanging,
         ImageServer(loopback_address(51)) as healthy,

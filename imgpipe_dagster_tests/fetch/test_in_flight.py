@@ -123,19 +123,21 @@ def fetch_in_a_worker(items, target: int, **overrides) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_three_hundred_downloads_in_flight_hide_a_one_second_latency() -> None:
+def test_three_hundred_downloads_in_flight_hide_a_long_latency() -> None:
     target, meter = 320, Meter()
-    with web_hosts(40, first=100, latency_s=1.0, meter=meter) as hosts:  # 40 hosts × 8 a host = 320
+    # 2.5 s of latency: 320 in flight need 128 completions a second, within a loaded machine's reach
+    with web_hosts(40, first=100, latency_s=2.5, meter=meter) as hosts:  # 40 hosts × 8 a host = 320
         items = interleaved(hosts, per_host=24)
         # the legacy pool size stays small: the pool must not cap downloads in flight below max_in_flight
-        report = fetch_in_a_worker(items, target, connection_pool_size=10, per_host_requests_per_s=1000.0)
+        report = fetch_in_a_worker(items, target, connection_pool_size=10, per_host_requests_per_s=1000.0,
+                                   ttfb_timeout_s=8.0)  # fmt: skip
     assert report["outcome"] == {"ok": len(items)}
     # counted on the servers: at least 300 photos were being answered at the same moment
     assert 300 <= meter.max_in_flight <= target
     assert meter.max_connections >= 300
     assert report["observed"] <= target
     slot_seconds = report["slot_seconds"]
-    assert set(slot_seconds) == {"ok"} and slot_seconds["ok"] >= len(items) * 1.0  # each held ≥ its 1 s
+    assert set(slot_seconds) == {"ok"} and slot_seconds["ok"] >= len(items) * 2.5  # each held ≥ its 2.5 s
 
 
 def test_seven_hundred_in_flight_stay_under_a_gigabyte() -> None:
