@@ -36,8 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import imgpipe_dagster.throttle.blame as blame
 from imgpipe_dagster.profiles import PROFILE_NAMES, STEP_DOWN, STEP_UP, resolve
-from imgpipe_dagster.throttle import blame
 
 # Error classes (imgpipe_dagster.fetch.errors.ErrorClass values) that count as timeouts.
 TIMEOUT_CLASSES = tuple(sorted(blame.TIMEOUTS))

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
-from imgpipe_dagster.gpu_server.settings import ServerSettings
-from imgpipe_dagster_tests.support import free_port
+from imgpipe_dagster.settings_map import medium_server_settings
 
 
 def _jpeg() -> bytes:
@@ -76,13 +75,13 @@ def gpu_endpoint(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
     """One tiny-model GPU server on the CPU (small images, few tokens), stopped after the module."""
     launcher = GpuServerLauncher(
         tmp_path_factory.mktemp("engine-gpu") / "gpu-servers",
-        ServerSettings(model_path=str(tiny_model_dir), max_new_tokens=4, max_inference_batch_size=32,
-                       max_concurrent_generations=2, batch_wait_timeout=0.05, idle_timeout_s=600,
-                       engine_options={"max_pixels": 112 * 112}),
+        medium_server_settings(str(tiny_model_dir), max_new_tokens=4, max_inference_batch_size=32,
+                               max_concurrent_generations=2, batch_wait_timeout=0.05, idle_timeout_s=600,
+                               max_pixels=112 * 112),
         startup_timeout_s=300, extra_env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     try:
-        (endpoint,) = launcher.ensure(["cpu"], base_port=free_port())
+        (endpoint,) = launcher.ensure(["cpu"], base_port=0)
         yield endpoint.url
     finally:
         launcher.stop()
