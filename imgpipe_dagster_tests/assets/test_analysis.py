@@ -17,6 +17,7 @@ from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.checks import CHECK_COMPLETE
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.partitions import URL_SHARDS
+from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster_tests.support import seed_corpus
@@ -35,7 +36,7 @@ def gpu_servers(tiny_model_dir, imgpipe_home):
         startup_timeout_s=300,
     )
     yield resource
-    GpuServerLauncher(imgpipe_home / "gpu-servers").stop()
+    GpuServerLauncher(gpu_server_records_dir(imgpipe_home)).stop()
 
 
 def resources(database_url, gpu_model):
