@@ -58,10 +58,10 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     from dagster import DagsterInstance
 
     from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
+    from imgpipe_dagster.environment import ALLOWED_NETWORKS_ENV, MODEL_PATH_ENV, read_environment
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
     from imgpipe_dagster.local_instance import dagster_home, prepare_environment
-    from imgpipe_dagster.resources.fetcher import ALLOWED_NETWORKS_ENV
-    from imgpipe_dagster.resources.gpu_model import MODEL_PATH_ENV, ensure_tiny_model
+    from imgpipe_dagster.resources.gpu_model import ensure_tiny_model
     from imgpipe_dagster.store import database as db
 
     started = time.monotonic()
@@ -69,13 +69,14 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     dagster_home()
     print(f"1/5 database ready: {db.redact(url)}", flush=True)
 
-    real_model = os.environ.get(MODEL_PATH_ENV)
+    real_model = read_environment().model_path
     if real_model:
         print(f"2/5 model: {real_model}", flush=True)
     else:
         print(f"2/5 model: tiny random Qwen2-VL at {ensure_tiny_model()} "
               f"-- ITS TEXT IS NOISE; set {MODEL_PATH_ENV} to a real checkpoint for real analyses", flush=True)
-    # The sample corpus lives on 127.0.0.1, which the fetcher blocks unless told otherwise.
+    # The sample corpus lives on 127.0.0.1, which the fetcher blocks unless told otherwise; definitions.py
+    # reads the environment when the demo imports it below.
     os.environ[ALLOWED_NETWORKS_ENV] = "127.0.0.0/8"
 
     # Its own process: resizing photos on demand must not compete with the run for one GIL.

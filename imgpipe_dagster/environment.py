@@ -2,8 +2,10 @@
 
 ``read_environment()`` parses the variables the README documents (and a few for operators) with a
 clear error for a malformed value; ``IMGPIPE_THROTTLE_<FIELD>`` knobs stay with
-``throttle.decide.ThrottleSettings.from_env``, which maps each onto its field. ``definitions.py`` reads it once to build the resources of the
-chosen deployment; nothing else should call ``os.environ`` for an ``IMGPIPE_*`` variable.
+``throttle.decide.ThrottleSettings.from_env``, which maps each onto its field. ``definitions.py`` reads it
+once to build the resources of the chosen deployment; the store, sensors, schedule and commands call
+``read_environment()`` when they need a value (not at import), so a changed variable takes effect.
+Nothing else should call ``os.environ`` for an ``IMGPIPE_*`` variable.
 """
 
 from __future__ import annotations

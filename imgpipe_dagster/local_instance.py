@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from imgpipe_dagster.environment import HOME_ENV
 from imgpipe_dagster.paths import imgpipe_home, project_root, resources_dir
 from imgpipe_dagster.store import database as db
 
@@ -37,5 +38,5 @@ def dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(project_file("dagster.yaml"), home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
-    os.environ.setdefault("IMGPIPE_HOME", str(imgpipe_home()))
+    os.environ.setdefault(HOME_ENV, str(imgpipe_home()))
     return home

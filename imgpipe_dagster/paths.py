@@ -46,6 +46,7 @@ def imgpipe_home() -> Path:
     return home.resolve()
 
 
-def gpu_server_records_dir() -> Path:
-    """Where the launcher keeps one record, settings file, lock and log per managed GPU server."""
-    return imgpipe_home() / "gpu-servers"
+def gpu_server_records_dir(home: Path | None = None) -> Path:
+    """Where the launcher keeps one record, settings file, lock and log per managed GPU server, under
+    ``home`` (a state folder given to a child process) or this process's ``imgpipe_home()``."""
+    return (imgpipe_home() if home is None else home) / "gpu-servers"

@@ -15,11 +15,11 @@ Default status: stopped, like the throttle (unattended GPU work is switched on o
 
 from __future__ import annotations
 
-import os
 import time
 
 from dagster import DefaultScheduleStatus, ScheduleEvaluationContext, SkipReason, schedule
 
+from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.jobs import ANALYSIS_JOBS
 from imgpipe_dagster.resources import PostgresResource
 from imgpipe_dagster.sensors.throttle import (
@@ -32,9 +32,6 @@ from imgpipe_dagster.sensors.throttle import (
 from imgpipe_dagster.throttle import queries
 from imgpipe_dagster.throttle.decide import Backlog, Decision, ThrottleState, TickInputs, WindowStats
 
-TIMEZONE_ENV = "IMGPIPE_TIMEZONE"
-SHARDS_ENV = "IMGPIPE_NIGHTLY_SHARDS"
-AUTOSTART_ENV = "IMGPIPE_NIGHTLY_AUTOSTART"
 DEFAULT_NIGHTLY_SHARDS = 20
 NIGHTLY_PROFILE = "conservative"
 # A throttle pause older than this is not trusted any more (the throttle may have been stopped since).
@@ -42,7 +39,8 @@ PAUSE_TRUST_S = 3600.0
 
 
 def nightly_shard_count() -> int:
-    return max(1, int(os.environ.get(SHARDS_ENV, DEFAULT_NIGHTLY_SHARDS)))
+    configured = read_environment().nightly_shards
+    return max(1, DEFAULT_NIGHTLY_SHARDS if configured is None else configured)
 
 
 def nightly_tick(context: ScheduleEvaluationContext, postgres: PostgresResource, shard_count: int):
@@ -84,13 +82,13 @@ def build_nightly_schedule(
     shard_count: int | None = None, default_status: DefaultScheduleStatus | None = None
 ):
     if default_status is None:
-        autostart = os.environ.get(AUTOSTART_ENV, "").lower() in ("1", "true", "yes")
+        autostart = read_environment().nightly_autostart
         default_status = DefaultScheduleStatus.RUNNING if autostart else DefaultScheduleStatus.STOPPED
 
     @schedule(
         name="nightly_conservative",
         cron_schedule="0 2 * * *",
-        execution_timezone=os.environ.get(TIMEZONE_ENV) or "UTC",
+        execution_timezone=read_environment().timezone or "UTC",
         job=ANALYSIS_JOBS[NIGHTLY_PROFILE],
         default_status=default_status,
         description="02:00: a bounded set of pending/retryable shards with the conservative profile.",

@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 
 from imgpipe_dagster.cli.status import SCREEN_WIDTH, render
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.status import collect
@@ -74,7 +75,7 @@ def gpu_server(tiny_model_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IMGPIPE_HOME", str(home))
         launcher = GpuServerLauncher(
-            home / "gpu-servers", medium_server_settings(str(tiny_model_dir)), startup_timeout_s=300
+            gpu_server_records_dir(home), medium_server_settings(str(tiny_model_dir)), startup_timeout_s=300
         )
         (endpoint,) = launcher.ensure(["cpu"], base_port=0)
         try:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.local_instance import prepare_environment
 from imgpipe_dagster.store import database as db
 
@@ -37,7 +37,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             applied = migrate(conn)
         print(f"applied {len(applied)} migration(s)" + "".join(f"\n  {m.version:03d}_{m.name}" for m in applied))
     elif args.action == "down":
-        if os.environ.get(db.DATABASE_URL_ENV):
+        if read_environment().database_url:
             print(f"{db.DATABASE_URL_ENV} points at an external server; nothing to stop")
             return 0
         stopped = db.embedded_server().stop()

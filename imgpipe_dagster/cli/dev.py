@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
@@ -21,8 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_dev(args: argparse.Namespace) -> int:
     ensure_port_free(args.host, args.port)
     prepare_environment()
-    dagster_home()
+    home = dagster_home()
     cmd = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port),
            "-m", "imgpipe_dagster.definitions"]
-    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
+    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)
     return subprocess.call(cmd)

@@ -49,33 +49,42 @@ _STAGE = "corpus_ingest_stage"
 ProgressCallback = Callable[[dict], None]
 
 
-@dataclass
-class FileReport:
-    path: str
-    format: str
-    content_sha256: str
-    file_id: int | None = None
-    skipped: bool = False  # the same content was ingested before (file_id names that ingest)
+@dataclass(kw_only=True)
+class IngestCounts:
+    """What was read and kept: of one file, or summed over an ingest's files."""
+
     rows_read: int = 0
     valid: int = 0
     added: int = 0
     duplicates: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    shards_added: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
 
     @property
     def rejected(self) -> int:
         return sum(self.rejected_by_reason.values())
 
+    def add(self, other: IngestCounts) -> None:
+        self.rows_read += other.rows_read
+        self.valid += other.valid
+        self.added += other.added
+        self.duplicates += other.duplicates
+        for reason, count in other.rejected_by_reason.items():
+            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + count
 
-@dataclass
-class IngestReport:
-    rows_read: int = 0
-    valid: int = 0
-    added: int = 0
-    duplicates: int = 0
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+@dataclass(kw_only=True)
+class FileReport(IngestCounts):
+    path: str
+    format: str
+    content_sha256: str
+    file_id: int | None = None
+    skipped: bool = False  # the same content was ingested before (file_id names that ingest)
+    shards_added: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+@dataclass(kw_only=True)
+class IngestReport(IngestCounts):
     # Up to IngestSettings.reject_samples_per_reason per reason and file: {path, line, reason, value}.
     rejected_samples: list[dict] = field(default_factory=list)
     shards_added: list[str] = field(default_factory=list)
@@ -83,10 +92,6 @@ class IngestReport:
     elapsed_s: float = 0.0
     urls_per_s: float = 0.0  # rows read per second of the whole call
     corpus_totals: dict = field(default_factory=dict)
-
-    @property
-    def rejected(self) -> int:
-        return sum(self.rejected_by_reason.values())
 
     def as_dict(self) -> dict:
         return asdict(self) | {"rejected": self.rejected}
@@ -541,12 +546,7 @@ def ingest_files(conn: psycopg.Connection, paths: list[str | os.PathLike] | str 
     report = IngestReport()
     for source in sources:
         result = _ingest_one(conn, source, settings, report, progress, started)
-        report.rows_read += result.rows_read
-        report.valid += result.valid
-        report.added += result.added
-        report.duplicates += result.duplicates
-        for reason, count in result.rejected_by_reason.items():
-            report.rejected_by_reason[reason] = report.rejected_by_reason.get(reason, 0) + count
+        report.add(result)
         report.shards_added.extend(result.shards_added)
         report.files.append(asdict(result) | {"rejected": result.rejected})
     report.elapsed_s = round(time.monotonic() - started, 3)

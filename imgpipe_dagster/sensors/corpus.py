@@ -27,9 +27,9 @@ from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from imgpipe_dagster.environment import CORPUS_DIR_ENV, read_environment
 from imgpipe_dagster.jobs import INGEST_JOB
 
-CORPUS_DIR_ENV = "IMGPIPE_CORPUS_DIR"
 URL_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 TEMPORARY_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart")
@@ -148,4 +148,4 @@ def corpus_tick(context: SensorEvaluationContext, directory: str | None, now: fl
     description=f"Ingests new URL files dropped into ${CORPUS_DIR_ENV} (each file once, never half-written).",
 )
 def corpus_files(context: SensorEvaluationContext):
-    return corpus_tick(context, os.environ.get(CORPUS_DIR_ENV))
+    return corpus_tick(context, read_environment().corpus_dir)

@@ -34,7 +34,6 @@ field of ``ThrottleSettings``.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -55,6 +54,7 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
 from imgpipe_dagster.profiles import PROFILE_NAMES
@@ -74,7 +74,6 @@ KIND_TAG = "imgpipe/kind"
 SHARD_RUN = "shard_run"
 SOURCE_TAG = "imgpipe/source"
 DECISION_TAG = "imgpipe/decision"
-AUTOSTART_ENV = "IMGPIPE_THROTTLE_AUTOSTART"
 MINIMUM_INTERVAL_S = 30
 # Runs that hold (or are about to hold) a slot.
 IN_FLIGHT_STATUSES = [
@@ -191,7 +190,7 @@ def build_throttle_sensor(
 ):
     """The throttle sensor; tests pass their own settings and clock."""
     if default_status is None:
-        autostart = os.environ.get(AUTOSTART_ENV, "").lower() in ("1", "true", "yes")
+        autostart = read_environment().throttle_autostart
         default_status = DefaultSensorStatus.RUNNING if autostart else DefaultSensorStatus.STOPPED
 
     @sensor(

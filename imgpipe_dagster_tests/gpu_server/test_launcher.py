@@ -104,6 +104,8 @@ def test_records_live_under_imgpipe_home_by_default(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("IMGPIPE_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     assert GpuServerLauncher().state_dir == gpu_server_records_dir() == tmp_path / "home" / "gpu-servers"
+    # a child process's state folder, named explicitly, gets the same layout
+    assert gpu_server_records_dir(tmp_path / "child") == tmp_path / "child" / "gpu-servers"
 
 
 def test_a_settings_file_is_validated_before_anything_starts(tmp_path: Path) -> None:

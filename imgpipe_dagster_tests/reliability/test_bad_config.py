@@ -15,7 +15,9 @@ import yaml
 from dagster import DagsterInvalidConfigError, Definitions, define_asset_job, materialize, validate_run_config
 
 from imgpipe_dagster.assets.analysis import image_analysis
+from imgpipe_dagster.jobs import analysis_job_name
 from imgpipe_dagster.partitions import URL_SHARDS, url_shards
+from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.profiles import PROFILE_NAMES, ProfileError, resolve
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster_tests.support import refused_port, seed_corpus
@@ -111,7 +113,7 @@ def test_a_bad_config_writes_nothing(dagster_instance, database_url, conn, imgpi
     seed_corpus(conn, {"s000001": [f"http://10.0.0.1/{n}.jpg" for n in range(5)]})
     dagster_instance.add_dynamic_partitions(URL_SHARDS, ["s000001"])
     before = _snapshot(conn)
-    gpu_state = imgpipe_home / "gpu-servers"
+    gpu_state = gpu_server_records_dir(imgpipe_home)
     resources = {
         "postgres": PostgresResource(database_url=database_url),
         "gpu_model": GpuModelResource(devices=["cpu"], base_port=shut_port),  # must never be started
@@ -157,5 +159,5 @@ def test_each_profile_file_fits_its_analyze_job(profile):
     """Against the code location's own analyze_<profile> job: a code location that does not load fails here."""
     from imgpipe_dagster.definitions import defs
 
-    job = defs.resolve_job_def(f"analyze_{profile}")
+    job = defs.resolve_job_def(analysis_job_name(profile))
     assert validate_run_config(job, _profile_file(profile))

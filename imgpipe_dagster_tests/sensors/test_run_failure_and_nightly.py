@@ -3,12 +3,17 @@ set with the conservative profile), against a real Postgres and Dagster instance
 
 from __future__ import annotations
 
-from dagster import build_run_status_sensor_context, build_schedule_context
+from dagster import DefaultScheduleStatus, build_run_status_sensor_context, build_schedule_context
 from dagster._core.events import JobFailureData
 from dagster._utils.error import SerializableErrorInfo
 
 from imgpipe_dagster.resources import PostgresResource
-from imgpipe_dagster.schedules import build_nightly_schedule, nightly_schedule
+from imgpipe_dagster.schedules import (
+    DEFAULT_NIGHTLY_SHARDS,
+    build_nightly_schedule,
+    nightly_schedule,
+    nightly_shard_count,
+)
 from imgpipe_dagster.sensors.run_failure import shard_run_failures
 from imgpipe_dagster.store.work import claim, shard_state_counts
 from imgpipe_dagster.throttle.decide import Decision, ThrottleState
@@ -130,3 +135,16 @@ def test_nightly_is_at_two_in_the_configured_time_zone(monkeypatch):
     assert schedule.execution_timezone == "Europe/Berlin"
     assert nightly_schedule.execution_timezone == "UTC"
     assert schedule.job_name == "analyze_conservative"
+
+
+def test_nightly_autostart_and_bound_are_read_when_asked(monkeypatch):
+    monkeypatch.delenv("IMGPIPE_NIGHTLY_AUTOSTART", raising=False)
+    monkeypatch.delenv("IMGPIPE_NIGHTLY_SHARDS", raising=False)
+    assert build_nightly_schedule().default_status == DefaultScheduleStatus.STOPPED
+    assert nightly_shard_count() == DEFAULT_NIGHTLY_SHARDS
+    monkeypatch.setenv("IMGPIPE_NIGHTLY_AUTOSTART", "yes")
+    monkeypatch.setenv("IMGPIPE_NIGHTLY_SHARDS", "7")
+    assert build_nightly_schedule().default_status == DefaultScheduleStatus.RUNNING
+    assert nightly_shard_count() == 7
+    monkeypatch.setenv("IMGPIPE_NIGHTLY_SHARDS", "0")
+    assert nightly_shard_count() == 1  # a bound of none still lets one shard through

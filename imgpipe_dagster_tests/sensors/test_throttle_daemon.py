@@ -19,6 +19,7 @@ import pytest
 import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
 
@@ -125,7 +126,7 @@ def test_the_throttle_alone_drives_two_shards_to_completion(
         assert decisions[0] == "submit"
     finally:
         stop_process_group(daemon, grace_s=30)
-        GpuServerLauncher(imgpipe_home / "gpu-servers").stop()
+        GpuServerLauncher(gpu_server_records_dir(imgpipe_home)).stop()
         if daemon.stdout is not None:
             tail = daemon.stdout.read().decode(errors="replace")[-3000:]
             print(tail)

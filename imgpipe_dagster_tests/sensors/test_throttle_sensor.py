@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dagster import DagsterRunStatus, build_sensor_context
+from dagster import DagsterRunStatus, DefaultSensorStatus, build_sensor_context
 
 from imgpipe_dagster.resources import GpuModelResource, PostgresResource
 from imgpipe_dagster.sensors.throttle import build_throttle_sensor
@@ -226,3 +226,10 @@ def test_tick_with_managed_mode_and_no_server_started_does_not_pause(dagster_ins
     )
     result = sensor(context)
     assert len(result.run_requests) == 3
+
+
+def test_the_throttle_starts_stopped_unless_the_environment_asks(monkeypatch):
+    monkeypatch.delenv("IMGPIPE_THROTTLE_AUTOSTART", raising=False)
+    assert build_throttle_sensor(SETTINGS).default_status == DefaultSensorStatus.STOPPED
+    monkeypatch.setenv("IMGPIPE_THROTTLE_AUTOSTART", "1")
+    assert build_throttle_sensor(SETTINGS).default_status == DefaultSensorStatus.RUNNING

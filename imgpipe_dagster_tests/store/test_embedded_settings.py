@@ -7,14 +7,15 @@ import os
 import psycopg
 import pytest
 
-from imgpipe_dagster.store.embedded import SHARED_BUFFERS_ENV, apply_settings, tuned_settings
+from imgpipe_dagster.environment import PG_SHARED_BUFFERS_ENV
+from imgpipe_dagster.store.embedded import apply_settings, tuned_settings
 from imgpipe_dagster.store.errors import ConfigurationError
 
 GiB = 2**30
 
 
 def test_shared_buffers_are_a_quarter_of_memory_within_bounds(monkeypatch):
-    monkeypatch.delenv(SHARED_BUFFERS_ENV, raising=False)
+    monkeypatch.delenv(PG_SHARED_BUFFERS_ENV, raising=False)
     # pg_settings counts shared_buffers in 8 kB pages: 128 pages a MB.
     assert tuned_settings(4 * GiB)["shared_buffers"] == 1024 * 128
     assert tuned_settings(GiB // 4)["shared_buffers"] == 128 * 128  # never below the stock 128 MB
@@ -24,11 +25,11 @@ def test_shared_buffers_are_a_quarter_of_memory_within_bounds(monkeypatch):
 
 
 def test_a_larger_corpus_can_ask_for_more_buffers(monkeypatch):
-    monkeypatch.setenv(SHARED_BUFFERS_ENV, "6144")
+    monkeypatch.setenv(PG_SHARED_BUFFERS_ENV, "6144")
     assert tuned_settings(8 * GiB)["shared_buffers"] == 6144 * 128
     for bad in ("lots", "-5", "8"):
-        monkeypatch.setenv(SHARED_BUFFERS_ENV, bad)
-        with pytest.raises(ConfigurationError, match=SHARED_BUFFERS_ENV):
+        monkeypatch.setenv(PG_SHARED_BUFFERS_ENV, bad)
+        with pytest.raises(ConfigurationError, match=PG_SHARED_BUFFERS_ENV):
             tuned_settings()
 
 
@@ -50,13 +51,13 @@ def test_a_running_server_is_never_restarted_by_a_process_that_attaches(tmp_path
             return conn.execute("SHOW shared_buffers").fetchone()[0]
 
     server = EmbeddedPostgres(tmp_path / "pg")
-    monkeypatch.setenv(SHARED_BUFFERS_ENV, "128")
+    monkeypatch.setenv(PG_SHARED_BUFFERS_ENV, "128")
     try:
         url = server.start()
         first_pid = server.status().pid
         assert shared_buffers(url) == "128MB"
         # Another process with other settings attaches: the server others use keeps running as it is.
-        monkeypatch.setenv(SHARED_BUFFERS_ENV, "256")
+        monkeypatch.setenv(PG_SHARED_BUFFERS_ENV, "256")
         url = server.start()
         assert server.status().pid == first_pid
         assert shared_buffers(url) == "128MB"

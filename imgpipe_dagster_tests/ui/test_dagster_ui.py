@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.conftest import REPO_ROOT, SESSION_MARK, _create_from_template
@@ -206,7 +207,7 @@ def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Itera
     finally:
         if process is not None:
             _stop(process)
-        GpuServerLauncher(home / "gpu-servers").stop()
+        GpuServerLauncher(gpu_server_records_dir(home)).stop()
         shutil.rmtree(home, ignore_errors=True)
 
 
