@@ -8,7 +8,7 @@
   machines with ``imgpipe gpu-server start``).
 
 Both: ``IMGPIPE_GPU_TOKEN`` (handed over as an ``EnvVar``, so the UI shows its name, never its value),
-``IMGPIPE_ALLOWED_NETWORKS`` for the fetcher, and the project database (``IMGPIPE_DATABASE_URL`` or the
+``IMGPIPE_ALLOWED_NETWORKS``, ``IMGPIPE_CONTACT_URL`` and ``IMGPIPE_IGNORE_ROBOTS_TXT`` for the fetcher, and the project database (``IMGPIPE_DATABASE_URL`` or the
 embedded server). Run config may still override any resource field per run.
 """
 
@@ -41,7 +41,11 @@ def resources_by_deployment(env: Environment) -> dict[str, dict[str, Any]]:
     token = EnvVar(GPU_TOKEN_ENV) if env.gpu_token else None
     shared = {
         "postgres": PostgresResource(),
-        "fetcher": FetcherResource(allowed_networks=list(env.allowed_networks)),
+        "fetcher": FetcherResource(
+            allowed_networks=list(env.allowed_networks),
+            contact_url=env.contact_url or "",
+            obey_robots_txt=not env.ignore_robots_txt,
+        ),
     }
     return {
         "local": {

@@ -32,6 +32,8 @@ THROTTLE_AUTOSTART_ENV = "IMGPIPE_THROTTLE_AUTOSTART"
 DATABASE_URL_ENV = "IMGPIPE_DATABASE_URL"
 DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
 PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
+CONTACT_URL_ENV = "IMGPIPE_CONTACT_URL"
+IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -76,6 +78,10 @@ class Environment:
     dagster_database_url: str | None
     # IMGPIPE_PG_SHARED_BUFFERS_MB as written (store/embedded.py checks it when the server starts)
     pg_shared_buffers_mb: str | None
+    # IMGPIPE_CONTACT_URL: where site owners reach the operator, sent in the User-Agent of every download
+    contact_url: str | None = None
+    # IMGPIPE_IGNORE_ROBOTS_TXT: only for corpora whose hosts gave permission; robots.txt is obeyed otherwise
+    ignore_robots_txt: bool = False
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -127,4 +133,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         database_url=_text(environ, DATABASE_URL_ENV),
         dagster_database_url=_text(environ, DAGSTER_DATABASE_URL_ENV),
         pg_shared_buffers_mb=_text(environ, PG_SHARED_BUFFERS_ENV),
+        contact_url=_text(environ, CONTACT_URL_ENV),
+        ignore_robots_txt=_flag(environ, IGNORE_ROBOTS_TXT_ENV),
     )

@@ -7,6 +7,7 @@ from dagster import EnvVar
 
 from imgpipe_dagster.definitions import deployment_resources
 from imgpipe_dagster.environment import EnvironmentValueError, read_environment
+from imgpipe_dagster.profiles import resolve
 
 
 def test_documented_variables_are_parsed_into_typed_fields():
@@ -53,3 +54,12 @@ def test_the_external_deployment_attaches_to_the_endpoints_and_needs_some(monkey
     assert isinstance(gpu_model.token, EnvVar) and gpu_model.token == "IMGPIPE_GPU_TOKEN"
     with pytest.raises(EnvironmentValueError, match="IMGPIPE_GPU_ENDPOINTS"):
         deployment_resources(read_environment({"IMGPIPE_DEPLOYMENT": "external"}))
+
+
+def test_the_operator_sets_the_contact_url_and_may_switch_robots_txt_off():
+    polite = deployment_resources(read_environment({"IMGPIPE_CONTACT_URL": "https://example.org/crawler"}))
+    assert polite["fetcher"].contact_url == "https://example.org/crawler"
+    assert polite["fetcher"].obey_robots_txt is True
+    assert "https://example.org/crawler" in polite["fetcher"].settings(resolve("medium")[0]).user_agent_header
+    permitted = deployment_resources(read_environment({"IMGPIPE_IGNORE_ROBOTS_TXT": "1"}))
+    assert permitted["fetcher"].obey_robots_txt is False
