@@ -55,7 +55,7 @@ class InFlightBounds:
     # factor a step grows the limit by while the GPU tier waits on downloads
     growth: float = 1.25
     # successful downloads holding their slot this many times longer than unloaded mean overload
-    overload_factor: float = 2.5
+    overload_factor: float = 4.0
     # factor a step shrinks the limit by under overload
     shrink: float = 0.8
     # share of the GPU-side queue filled at which the GPU tier counts as the bottleneck
