@@ -157,10 +157,12 @@ class HostBook:
             return 0.0
         # a healthy host is heading for its full window (slow start doubles it per answer)
         parallel = host.window if host.consecutive_failures else self.settings.per_host_limit
-        # a request still in flight has taken at least its age: a new host that hangs shows it at once
+        # a request still in flight has taken at least its age: a new host that hangs shows it at once.
+        # Once the host has answered, its mean decides: one slow URL of a busy host (a CDN serving
+        # thousands of good images) must not make its whole queue look hours long.
         now = asyncio.get_running_loop().time()
         oldest_age = now - min(host.active_started) if host.active_started else 0.0
-        request_s = max(host.mean_request_s, oldest_age)
+        request_s = host.mean_request_s if host.mean_request_s else oldest_age
         per_request = max(1.0 / self.settings.per_host_requests_per_s, request_s / max(parallel, 1))
         return queued * per_request
 

@@ -46,6 +46,14 @@ def chaos_fetch_settings() -> FetchSettings:
         prefetch_queue_size=32,
         image_resize_threads=2,
         per_host_limit=64,
+        # One loopback image server stands in for the whole web here, so the per-host politeness rate
+        # would cap the run at 20 URLs/s; host health is tested on hosts of its own (fetch/test_hosts.py),
+        # and a dead fault address (connect-refused, connect-timeout, dns-failure) holds only a handful of
+        # URLs: they keep their own classes and retry counts instead of opening a breaker.
+        per_host_requests_per_s=1e6,
+        host_failures_to_open=1000,
+        host_pause_default_s=1.0,
+        host_queue_wait_s=3600.0,  # all URLs share that one host: its queue is the run's whole backlog
         target_pixels=112 * 112,  # tiny images for the tiny CPU model
     )
 
@@ -55,7 +63,10 @@ def chaos_engine_settings() -> EngineSettings:
     settings = engine_settings(worker, chaos_fetch_settings(), prompt_name=PROMPT)
     return replace(
         settings,
-        run=replace(settings.run, progress_interval_s=5.0),
+        # The chaos is about loss and duplication through kills, not the retry tail: a run waits for
+        # its own retries (the fast backoff above keeps them seconds away) and for a paused host
+        # instead of leaving them to a later run (imgpipe_dagster_tests/engine/test_retries.py covers that).
+        run=replace(settings.run, progress_interval_s=5.0, retry_wait_s=60.0, host_deferral_s=1.0),
         fetch_retry=replace(settings.fetch_retry, max_backoff_s=MAX_BACKOFF_S),
     )
 
