@@ -2,7 +2,7 @@
 listens.
 
 Servers the tests start bind port 0 and report the port they got; nothing here picks a port for a
-server to bind later, except ``gpu_base_port`` and ``free_port`` (see there)."""
+server to bind later, except ``gpu_base_port`` (the chaos test restarts a killed GPU server on its port)."""
 
 from __future__ import annotations
 
@@ -55,12 +55,6 @@ def gpu_base_port(host: str = "127.0.0.1") -> int:
         except OSError:
             continue
     raise RuntimeError(f"no two adjacent free ports below {low}")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """One port for a server started later: the same draw as ``gpu_base_port``. Left for the GPU server
-    tests (gpu_server/test_app.py, test_client.py) until their servers bind port 0."""
-    return gpu_base_port(host)
 
 
 def seed_corpus(conn: psycopg.Connection, shards: dict[str, list[str]]) -> None:
