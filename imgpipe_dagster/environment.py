@@ -34,6 +34,7 @@ DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
 PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 CONTACT_URL_ENV = "IMGPIPE_CONTACT_URL"
 IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
+EXPORT_URI_ENV = "IMGPIPE_EXPORT_URI"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -82,6 +83,8 @@ class Environment:
     contact_url: str | None = None
     # IMGPIPE_IGNORE_ROBOTS_TXT: only for corpora whose hosts gave permission; robots.txt is obeyed otherwise
     ignore_robots_txt: bool = False
+    # IMGPIPE_EXPORT_URI: base of the result files (a directory or a pyarrow URI); None: $IMGPIPE_HOME/export
+    export_uri: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -135,4 +138,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         pg_shared_buffers_mb=_text(environ, PG_SHARED_BUFFERS_ENV),
         contact_url=_text(environ, CONTACT_URL_ENV),
         ignore_robots_txt=_flag(environ, IGNORE_ROBOTS_TXT_ENV),
+        export_uri=_text(environ, EXPORT_URI_ENV),
     )

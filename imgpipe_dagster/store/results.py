@@ -1,0 +1,73 @@
+"""Reading stored analyses back out: the one place that selects from url_analysis_results for
+export, streamed with a server-side cursor so a shard of any size costs one batch of memory.
+
+``analysis_version`` narrows the rows to one version of the analysis. Until results are kept per
+analysis version, the prompt version (``<prompt name>@<hash of its text>``) stands for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import psycopg
+
+# The columns an export reads, in this order (rows come back as tuples of these).
+RESULT_FIELDS = (
+    "url", "shard_id", "status", "error_class", "error_message", "http_status", "content_type", "bytes",
+    "width", "height", "format", "sha256", "phash", "model_text", "analysis", "parse_ok", "model",
+    "prompt_version", "prompt_tokens", "generated_tokens", "download_ms", "inference_ms", "gpu", "attempts",
+    "created_at",
+)  # fmt: skip
+
+DEFAULT_BATCH_ROWS = 2048
+
+
+def _where(shard_ids: Sequence[str], analysis_version: str | None) -> tuple[str, dict]:
+    where = "r.shard_id = ANY(%(shards)s)"
+    params: dict = {"shards": list(shard_ids)}
+    if analysis_version is not None:
+        where += " AND r.prompt_version = %(version)s"
+        params["version"] = analysis_version
+    return where, params
+
+
+def stream_results(
+    conn: psycopg.Connection,
+    shard_ids: Sequence[str],
+    *,
+    analysis_version: str | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Iterator[list[tuple]]:
+    """The result rows of the shards in batches of at most ``batch_rows`` tuples (``RESULT_FIELDS``),
+    ordered by URL so an export of unchanged data is the same file. The rows stay on the server until
+    fetched (a named cursor), inside a transaction of their own."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    where, params = _where(shard_ids, analysis_version)
+    query = (
+        f"SELECT {', '.join('r.' + c for c in RESULT_FIELDS)} FROM url_analysis_results r "  # noqa: S608
+        f"WHERE {where} ORDER BY r.shard_id, r.url"
+    )  # column names are this module's constants, values are parameters
+    with conn.transaction(), conn.cursor(name="imgpipe_results_stream") as cur:
+        cur.itersize = batch_rows
+        cur.execute(query, params)
+        while rows := cur.fetchmany(batch_rows):
+            yield rows
+
+
+def count_results(
+    conn: psycopg.Connection, shard_ids: Sequence[str], *, analysis_version: str | None = None
+) -> dict[str, int]:
+    """Result rows per shard (shards without any row count 0): what an export of them must hold."""
+    where, params = _where(shard_ids, analysis_version)
+    rows = conn.execute(
+        f"SELECT r.shard_id, count(*) FROM url_analysis_results r WHERE {where} GROUP BY 1",  # noqa: S608
+        params,
+    ).fetchall()
+    counts = dict.fromkeys(shard_ids, 0)
+    counts.update(dict(rows))
+    return counts
+
+
+def known_shards(conn: psycopg.Connection) -> list[str]:
+    return [shard for (shard,) in conn.execute("SELECT shard_id FROM shards ORDER BY shard_no").fetchall()]
