@@ -20,6 +20,7 @@ from dagster import Definitions, EnvVar
 
 from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.corpus import url_corpus
+from imgpipe_dagster.assets.export import analysis_export
 from imgpipe_dagster.assets.report import progress_report
 from imgpipe_dagster.environment import (
     DEPLOYMENT_ENV,
@@ -30,6 +31,7 @@ from imgpipe_dagster.environment import (
     read_environment,
 )
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, INGEST_JOB, REPORT_JOB
+from imgpipe_dagster.requeue_job import requeue_failed
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.resources.gpu_model import DEFAULT_BASE_PORT
 from imgpipe_dagster.schedules import SCHEDULES
@@ -73,8 +75,8 @@ def deployment_resources(env: Environment) -> dict[str, Any]:
 
 
 defs = Definitions(
-    assets=[url_corpus, image_analysis, progress_report],
-    jobs=[*ANALYSIS_JOBS.values(), INGEST_JOB, REPORT_JOB],
+    assets=[url_corpus, image_analysis, progress_report, analysis_export],
+    jobs=[*ANALYSIS_JOBS.values(), INGEST_JOB, REPORT_JOB, requeue_failed],
     sensors=SENSORS,
     schedules=SCHEDULES,
     resources=deployment_resources(read_environment()),

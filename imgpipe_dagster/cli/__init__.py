@@ -1,4 +1,4 @@
-"""`imgpipe` command line: database, Dagster UI, ingest, GPU servers, the demo run, status and verify.
+"""`imgpipe` command line: database, Dagster UI, ingest, GPU servers, the demo run, status, verify, export, requeue.
 
 A thin face: each module of this package declares one group of commands and calls the code below
 (store, corpus, gpu_server, status, metrics, demo); nothing below imports this package.
@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 
-from imgpipe_dagster.cli import db, demo, dev, gpu_server, ingest, metrics, status
+from imgpipe_dagster.cli import db, demo, dev, gpu_server, ingest, metrics, results, status
 from imgpipe_dagster.store.errors import ConfigurationError
 
 # Each module adds its subcommands and sets ``handler`` on their parsers.
-COMMAND_GROUPS = (db, dev, gpu_server, demo, ingest, status, metrics)
+COMMAND_GROUPS = (db, dev, gpu_server, demo, ingest, status, metrics, results)
 
 
 def build_parser() -> argparse.ArgumentParser:

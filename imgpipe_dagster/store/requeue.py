@@ -17,9 +17,10 @@ Running it again finds nothing more: the URLs are no longer failed. A URL a run 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -172,3 +173,21 @@ def requeued_history(conn: psycopg.Connection, url_hashes: Sequence[bytes]) -> l
         " WHERE url_hash = ANY(%s) ORDER BY requeue_id, url",
         (list(url_hashes),),
     ).fetchall()
+
+
+_RELATIVE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``--since``: an ISO 8601 date or time (UTC unless it names a zone), or an age such as 90m, 6h, 2d."""
+    value = text.strip()
+    relative = _RELATIVE_RE.match(value.lower())
+    if relative:
+        age = timedelta(seconds=float(relative.group(1)) * _UNIT_S[relative.group(2)])
+        return (now or datetime.now(UTC)) - age
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give an ISO time (2026-12-01T05:00Z) or an age (90m, 6h, 2d)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -134,3 +134,10 @@ def test_analysis_fields_keep_what_does_not_fit_readable():
     odd = analysis_fields({"caption": {"en": "x"}, "tags": [1, "b", None], "safety": "unsafe"})
     assert odd["caption"] == '{"en": "x"}' and odd["tags"] == ["1", "b"]
     assert odd["safety_rating"] == "unsafe" and odd["safety_nsfw"] is None
+
+
+def test_a_base_given_as_a_uri_is_opened_through_pyarrow(conn, tmp_path):
+    finish(conn, {"s1": ["http://h.test/1.jpg", "http://h.test/2.jpg"]})
+    export_shards(conn, ["s1"], f"file://{tmp_path}/nested/prefix")
+    assert len(pd.read_parquet(tmp_path / "nested" / "prefix" / "s1.parquet")) == 2
+    assert read_manifest(f"file://{tmp_path}/nested/prefix")["rows"] == 2
