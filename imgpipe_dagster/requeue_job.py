@@ -9,7 +9,7 @@ from dagster import Config, Failure, MetadataValue, Nothing, OpExecutionContext,
 from pydantic import Field
 
 from imgpipe_dagster.resources import PostgresResource
-from imgpipe_dagster.store.requeue import RequeueFilter, parse_since, requeue
+from imgpipe_dagster.store.requeue import RequeueFilter, UnknownErrorClassError, parse_since, requeue
 
 
 class RequeueConfig(Config):
@@ -29,7 +29,10 @@ def requeue_failed_urls(context: OpExecutionContext, config: RequeueConfig, post
     except ValueError as exc:
         raise Failure(str(exc)) from None
     with postgres.connect() as conn:
-        report = requeue(conn, selected, dry_run=config.dry_run, requested_by=context.run_id)
+        try:
+            report = requeue(conn, selected, dry_run=config.dry_run, requested_by=context.run_id)
+        except UnknownErrorClassError as exc:
+            raise Failure(str(exc)) from None
     context.log.info("\n".join(report.lines()))
     yield Output(None, metadata={
         "dry_run": report.dry_run,

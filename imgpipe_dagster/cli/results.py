@@ -11,7 +11,7 @@ from imgpipe_dagster.store import database as db
 from imgpipe_dagster.store.errors import ConfigurationError
 from imgpipe_dagster.store.export import FORMATS, default_base_uri, export_shard, update_manifest
 from imgpipe_dagster.store.migrations import migrate
-from imgpipe_dagster.store.requeue import RequeueFilter, parse_since, requeue
+from imgpipe_dagster.store.requeue import RequeueFilter, UnknownErrorClassError, parse_since, requeue
 from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS, known_shards
 
 PROGRESS_EVERY_S = 10.0
@@ -78,7 +78,10 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         raise ConfigurationError(str(exc)) from None
     with db.connect(db.resolve_database_url()) as conn:
         migrate(conn)  # a database from before the requeue tables gets them
-        report = requeue(conn, selected, dry_run=args.dry_run, requested_by="cli")
+        try:
+            report = requeue(conn, selected, dry_run=args.dry_run, requested_by="cli")
+        except UnknownErrorClassError as exc:
+            raise ConfigurationError(str(exc)) from None
     if args.json:
         print(json.dumps({"dry_run": report.dry_run, "requeue_id": report.requeue_id, "urls": report.urls,
                           "urls_by_class": report.urls_by_class, "urls_by_state": report.urls_by_state,

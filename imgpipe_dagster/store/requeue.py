@@ -25,6 +25,11 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg.types.json import Jsonb
 
+from imgpipe_dagster.fetch.errors import ErrorClass
+
+# Classes the engine writes besides the fetch errors (engine/outcomes.py; no import: the store sits below it).
+ENGINE_ERROR_CLASSES = ("inference_error",)
+
 FAILED_STATES = ("failed_permanent", "failed_retryable")
 
 
@@ -143,10 +148,34 @@ SELECT m.last_error_class, m.state::text, m.shard_id, count(*), (SELECT count(*)
 """  # noqa: S608 - fixed fragments of this module; values are parameters
 
 
+class UnknownErrorClassError(ValueError):
+    pass
+
+
+def check_error_classes(conn: psycopg.Connection, error_classes: Sequence[str]) -> None:
+    """A misspelt class would requeue nothing without a word: refuse a class that is neither one the
+    pipeline writes nor one any failed URL carries."""
+    known = {c.value for c in ErrorClass} | set(ENGINE_ERROR_CLASSES)
+    for error_class in error_classes:
+        if error_class in known:
+            continue
+        seen = conn.execute(
+            "SELECT 1 FROM corpus_urls WHERE last_error_class = %s"
+            " AND state IN ('failed_permanent', 'failed_retryable') LIMIT 1",
+            (error_class,),
+        ).fetchone()
+        if not seen:
+            raise UnknownErrorClassError(
+                f"unknown error class {error_class!r}: no failed URL has it; known classes: "
+                + ", ".join(sorted(known))
+            )
+
+
 def requeue(
     conn: psycopg.Connection, selected: RequeueFilter, *, dry_run: bool = False, requested_by: str = "cli"
 ) -> RequeueReport:
     """Put the selected failed URLs back to pending (see the module's description)."""
+    check_error_classes(conn, selected.error_classes)
     if dry_run:
         return _count(conn, selected)
     where, params = _selection(selected)

@@ -74,6 +74,7 @@ def test_export_after_a_real_run_reads_back_with_pandas_and_duckdb(
     assert everything == [("s000001", 5, 1), ("s000002", 2, 1), ("s000003", 1, 0)]
     assert pq.ParquetFile(base / "s000001.parquet").num_row_groups == 3  # 5 rows in batches of 2
 
+    assert len(pd.read_parquet(base)) == 8  # the whole directory: the manifest is skipped
     manifest = read_manifest(str(base))
     assert {f["file"]: f["rows"] for f in manifest["files"]} == {f"{s}.parquet": n for s, n in in_database.items()}
     assert manifest["models"] == [model] and manifest["prompt_versions"] == [prompt_version]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from imgpipe_dagster.store.requeue import RequeueFilter, requeue, requeued_history
+from imgpipe_dagster.store.requeue import RequeueFilter, UnknownErrorClassError, requeue, requeued_history
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster.store.work import UrlOutcome, claim, write_outcomes
 from imgpipe_dagster_tests.support import seed_corpus
@@ -111,3 +111,12 @@ def test_a_filter_without_an_error_class_is_refused():
         RequeueFilter(())
     with pytest.raises(ValueError, match="time zone"):
         RequeueFilter(("http_5xx",), failed_since=datetime(2026, 1, 1))
+
+
+def test_a_class_no_url_failed_with_is_refused_unless_the_pipeline_knows_it(failed):
+    with pytest.raises(UnknownErrorClassError, match="unknown error class 'http5xx'"):
+        requeue(failed, RequeueFilter(("http5xx",)), dry_run=True)
+    assert requeue(failed, RequeueFilter(("tls_error",)), dry_run=True).urls == 0  # known, none failed so
+    failed.execute("UPDATE corpus_urls SET last_error_class = 'gpu_tier_x' WHERE url = 'http://down.test/a.jpg'")
+    failed.commit()
+    assert requeue(failed, RequeueFilter(("gpu_tier_x",)), dry_run=True).urls == 1  # a class some URL carries

@@ -55,3 +55,10 @@ def test_requeue_with_a_bad_since_is_one_clear_line(project, capsys):
     assert main(["requeue", "--error-class", "http_5xx", "--since", "yesterday"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("imgpipe: --since 'yesterday': give an ISO time") and "\n" not in err
+
+
+def test_requeue_of_a_misspelt_class_is_one_clear_line(project, capsys):
+    assert main(["requeue", "--error-class", "http5xx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgpipe: unknown error class 'http5xx': no failed URL has it; known classes: ")
+    assert "http_5xx" in err and "\n" not in err
