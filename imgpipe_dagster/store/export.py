@@ -209,29 +209,40 @@ class _ParquetSink:
 
 
 class _TextSink:
-    """JSON lines or CSV through pandas, a batch at a time; lists stay JSON arrays in CSV cells."""
+    """JSON lines (one object per row, lists as arrays) or CSV (through pandas, lists as JSON text in
+    their cells), a batch at a time."""
 
     def __init__(self, stream, fmt: str) -> None:
         self._stream, self._fmt, self._header = stream, fmt, True
 
     def write(self, batch: pa.RecordBatch) -> None:
-        frame = batch.to_pandas(types_mapper=pd.ArrowDtype)
-        frame["created_at"] = frame["created_at"].map(lambda t: None if pd.isna(t) else t.isoformat())
-        if self._fmt == "csv":
-            for name in _LIST_COLUMNS:
-                frame[name] = [None if v is None else json.dumps(v, ensure_ascii=False)
-                               for v in batch.column(name).to_pylist()]  # fmt: skip
-            text = frame.to_csv(index=False, header=self._header, lineterminator="\n")
-        else:
-            for name in _LIST_COLUMNS:
-                frame[name] = batch.column(name).to_pylist()
-            text = frame.to_json(orient="records", lines=True, force_ascii=False)
-            text = text if text.endswith("\n") or not text else text + "\n"
+        text = self._csv(batch) if self._fmt == "csv" else "".join(
+            json.dumps(_plain(row), ensure_ascii=False) + "\n" for row in batch.to_pylist())
         self._header = False
         self._stream.write(text.encode("utf-8"))
 
+    def _csv(self, batch: pa.RecordBatch) -> str:
+        frame = batch.to_pandas(types_mapper=pd.ArrowDtype)
+        frame["created_at"] = [None if t is None else t.isoformat() for t in batch.column("created_at").to_pylist()]
+        for name in _LIST_COLUMNS:
+            frame[name] = [None if v is None else json.dumps(v, ensure_ascii=False)
+                           for v in batch.column(name).to_pylist()]  # fmt: skip
+        return frame.to_csv(index=False, header=self._header, lineterminator="\n")
+
     def close(self, versions: dict[str, str]) -> None:  # text formats carry versions in the manifest only
         pass
+
+
+_FLOAT32_COLUMNS = tuple(f.name for f in SCHEMA if f.type == pa.float32())
+
+
+def _plain(row: dict) -> dict:
+    """A row as JSON values: times in ISO 8601, float32 timings without float64 noise (12.3, not 12.30000019)."""
+    row["created_at"] = row["created_at"].isoformat() if row["created_at"] is not None else None
+    for name in _FLOAT32_COLUMNS:
+        if row[name] is not None:
+            row[name] = float(f"{row[name]:.7g}")
+    return row
 
 
 def export_shard(

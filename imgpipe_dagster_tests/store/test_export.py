@@ -106,10 +106,13 @@ def test_jsonl_and_csv_hold_the_same_rows(conn, tmp_path):
     export_shard(conn, "s1", str(tmp_path), "jsonl", batch_rows=5)
     export_shard(conn, "s1", str(tmp_path), "csv", batch_rows=5)
 
-    lines = [json.loads(line) for line in (tmp_path / "s1.jsonl").read_text().splitlines()]
+    text = (tmp_path / "s1.jsonl").read_text()
+    assert '"url": "http://h.test/' in text  # readable and greppable, no escaped slashes
+    lines = [json.loads(line) for line in text.splitlines()]
     assert len(lines) == 12
     done = [row for row in lines if row["status"] == "ok"]
     assert done[0]["tags"] == ["cat", "sofa"] and done[0]["width"] == 64 and "T" in done[0]["created_at"]
+    assert done[0]["inference_ms"] == 12.5 and done[0]["safety_rating"] == "safe"
     csv = pd.read_csv(tmp_path / "s1.csv")
     assert len(csv) == 12 and list(csv.columns) == list(pd.read_parquet(export_parquet(conn, tmp_path)).columns)
     assert json.loads(csv[csv.status == "ok"].tags.iloc[0]) == ["cat", "sofa"]
