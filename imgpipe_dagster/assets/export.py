@@ -23,6 +23,7 @@ from imgpipe_dagster.store.export import (
     update_manifest,
 )
 from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS
+from imgpipe_dagster.store.work import UNFINISHED_STATES, shard_state_counts
 
 # Exporting a shard takes about a second: a backfill over thousands of shards runs them in batches.
 SHARDS_PER_EXPORT_RUN = 50
@@ -50,11 +51,16 @@ def analysis_export(
     context: AssetExecutionContext, config: AnalysisExportConfig, postgres: PostgresResource
 ) -> MaterializeResult:
     base = config.base_uri or default_base_uri()
+    shards = list(context.partition_keys)
     with postgres.connect() as conn:
         files = [
             export_shard(conn, shard, base, batch_rows=config.batch_rows, analysis_version=config.analysis_version)
-            for shard in context.partition_keys
+            for shard in shards
         ]
+        states = shard_state_counts(conn, shards)
+    unfinished = sum(states[state] for state in UNFINISHED_STATES)
+    if unfinished:  # exported anyway: the files hold what is final now, a later export adds the rest
+        context.log.warning(f"{unfinished} URLs of {shards} are not final yet; their rows are not in the export")
     manifest = update_manifest(base, files)
     for item in files:
         context.log.info(f"{item.shard_id}: {item.rows} rows in {item.batches} row group(s), {item.bytes} bytes "
@@ -69,4 +75,5 @@ def analysis_export(
         "prompt_versions": MetadataValue.json(sorted({p for item in files for p in item.prompt_versions})),
         "export_schema_version": EXPORT_SCHEMA_VERSION,
         "manifest_rows": manifest["rows"],
+        "urls_not_final": unfinished,
     })  # fmt: skip

@@ -79,5 +79,5 @@ def test_export_after_a_real_run_reads_back_with_pandas_and_duckdb(
     assert {f["file"]: f["rows"] for f in manifest["files"]} == {f"{s}.parquet": n for s, n in in_database.items()}
     assert manifest["models"] == [model] and manifest["prompt_versions"] == [prompt_version]
     materialization = exported.get_asset_materialization_events()[0].materialization
-    assert materialization.metadata["rows"].value == 8
+    assert materialization.metadata["rows"].value == 8 and materialization.metadata["urls_not_final"].value == 0
     assert set(materialization.metadata["files"].value) == {f"{s}.parquet" for s in shards}

@@ -19,7 +19,7 @@ from imgpipe_dagster.store.export import (
     export_shards,
     read_manifest,
 )
-from imgpipe_dagster.store.results import count_results
+from imgpipe_dagster.store.results import count_results, stream_results
 from imgpipe_dagster.store.work import UrlOutcome, claim, write_outcomes
 from imgpipe_dagster_tests.support import seed_corpus
 
@@ -83,6 +83,17 @@ def test_a_shard_streams_in_batches_each_a_row_group(conn, tmp_path):
     assert parquet.metadata.num_rows == 230
     urls = pd.read_parquet(tmp_path / "s1.parquet").url.tolist()
     assert urls == sorted(urls) and len(set(urls)) == 230
+
+
+def test_rows_stay_on_the_server_until_fetched(conn):
+    finish(conn, {"s1": [f"http://h.test/{i}.jpg" for i in range(120)]})
+    batches = stream_results(conn, ["s1"], batch_rows=40)
+    first = next(batches)
+    # between two batches the rest waits in a server-side cursor, not in this process
+    assert len(first) == 40
+    assert conn.execute("SELECT name FROM pg_cursors").fetchall() == [("imgpipe_results_stream",)]
+    assert [len(batch) for batch in batches] == [40, 40]
+    assert conn.execute("SELECT count(*) FROM pg_cursors").fetchone() == (0,)
 
 
 def test_manifest_lists_files_rows_and_versions(conn, tmp_path):
