@@ -11,7 +11,7 @@ transaction:
 * sets them ``pending`` with their attempts reset and no due time, so the next run of their shard
   claims them like fresh URLs.
 
-Running it again finds nothing more: the URLs are no longer failed. A URL a run is working on
+Running it again finds nothing more (the URLs are no longer failed) and records nothing. A URL a run is working on
 (leased) is never touched. A dry run counts the same selection and changes nothing.
 """
 
@@ -29,8 +29,6 @@ from imgpipe_dagster.fetch.errors import ErrorClass
 
 # Classes the engine writes besides the fetch errors (engine/outcomes.py; no import: the store sits below it).
 ENGINE_ERROR_CLASSES = ("inference_error",)
-
-FAILED_STATES = ("failed_permanent", "failed_retryable")
 
 
 @dataclass(frozen=True)
@@ -189,8 +187,12 @@ def requeue(
         rows = conn.execute(_move(where), params | {"requeue_id": requeue_id}).fetchall()
         report = _tally(RequeueReport(dry_run=False, requeue_id=requeue_id), [row[:4] for row in rows])
         report.result_rows_removed = rows[0][4] if rows else 0
-        conn.execute("UPDATE requeues SET urls_by_class = %s WHERE requeue_id = %s",
-                     (Jsonb(report.urls_by_class), requeue_id))  # fmt: skip
+        if rows:
+            conn.execute("UPDATE requeues SET urls_by_class = %s WHERE requeue_id = %s",
+                         (Jsonb(report.urls_by_class), requeue_id))  # fmt: skip
+        else:  # nothing matched (e.g. the same requeue again): nothing to record
+            conn.execute("DELETE FROM requeues WHERE requeue_id = %s", (requeue_id,))
+            report.requeue_id = None
     conn.commit()  # also when the caller's connection was already inside a transaction
     return report
 

@@ -83,7 +83,8 @@ def test_requeue_moves_failures_to_pending_keeps_them_and_is_idempotent(failed):
 
     again = requeue(failed, RequeueFilter(("http_5xx",)))
     assert again.urls == 0 and again.result_rows_removed == 0
-    assert len(requeued_history(failed, hashes)) == 4  # nothing registered twice
+    assert again.requeue_id is None and len(requeued_history(failed, hashes)) == 4  # nothing registered twice
+    assert failed.execute("SELECT count(*) FROM requeues").fetchone() == (1,)
 
 
 def test_filters_by_host_shard_and_time(failed):
