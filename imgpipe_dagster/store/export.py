@@ -308,7 +308,8 @@ def _delete_quietly(filesystem: pafs.FileSystem, path: str) -> None:
 def update_manifest(base_uri: str, exported: Iterable[ExportedFile]) -> dict:
     """Merge these files' entries into ``<base>/_manifest.json`` (an entry per file name, the newest
     wins) and return the manifest. On a local directory a lock keeps concurrent shard runs from
-    losing each other's entries; on object stores the last writer wins (``rebuild`` by re-exporting)."""
+    losing each other's entries; on an object store two writers at once can lose one's entries, and
+    exporting those shards again writes them back."""
     filesystem, base = open_base(base_uri)
     if isinstance(filesystem, pafs.LocalFileSystem):
         from filelock import FileLock

@@ -11,8 +11,8 @@ transaction:
 * sets them ``pending`` with their attempts reset and no due time, so the next run of their shard
   claims them like fresh URLs.
 
-Running it again finds nothing more (the URLs are no longer failed) and records nothing. A URL a run is working on
-(leased) is never touched. A dry run counts the same selection and changes nothing.
+Running it again finds nothing more (the URLs are no longer failed) and records nothing. A URL a
+run is working on (leased) is never touched. A dry run counts the same selection and changes nothing.
 """
 
 from __future__ import annotations
