@@ -15,6 +15,7 @@ from imgpipe_dagster.store.export import (
     MANIFEST_NAME,
     ExportError,
     analysis_fields,
+    default_base_uri,
     export_shard,
     export_shards,
     read_manifest,
@@ -155,3 +156,11 @@ def test_a_base_given_as_a_uri_is_opened_through_pyarrow(conn, tmp_path):
     export_shards(conn, ["s1"], f"file://{tmp_path}/nested/prefix")
     assert len(pd.read_parquet(tmp_path / "nested" / "prefix" / "s1.parquet")) == 2
     assert read_manifest(f"file://{tmp_path}/nested/prefix")["rows"] == 2
+
+
+def test_the_base_defaults_to_the_home_and_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMGPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("IMGPIPE_EXPORT_URI", raising=False)
+    assert default_base_uri() == str(tmp_path / "home" / "export")
+    monkeypatch.setenv("IMGPIPE_EXPORT_URI", "s3://bucket/analyses")
+    assert default_base_uri() == "s3://bucket/analyses"
