@@ -9,10 +9,9 @@ import time
 
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster.store.errors import ConfigurationError
-from imgpipe_dagster.store.export import FORMATS, default_base_uri, export_shard, update_manifest
 from imgpipe_dagster.store.migrations import migrate
 from imgpipe_dagster.store.requeue import RequeueFilter, UnknownErrorClassError, parse_since, requeue
-from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS, known_shards
+from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS, EXPORT_FORMATS, known_shards
 
 PROGRESS_EVERY_S = 10.0
 
@@ -23,7 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="directory or pyarrow URI (s3://bucket/prefix, ...); default $IMGPIPE_EXPORT_URI, "
                         "else $IMGPIPE_HOME/export")  # fmt: skip
     p.add_argument("--shard", action="append", help="only these shards (repeatable); default every shard")
-    p.add_argument("--format", choices=FORMATS, default="parquet", help="file format (default: parquet)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="parquet", help="file format (default: parquet)")
     p.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS,
                    help=f"rows read and written at a time: one Parquet row group (default: {DEFAULT_BATCH_ROWS})")
     p.add_argument("--analysis-version", help="only the results of this analysis (prompt) version")
@@ -41,6 +40,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # pyarrow and pandas load only for this command, not for every `imgpipe` start
+    from imgpipe_dagster.store.export import default_base_uri, export_shard, update_manifest
+
     if args.batch_rows < 1:
         raise ConfigurationError(f"--batch-rows must be at least 1, got {args.batch_rows}")
     base = args.out or default_base_uri()

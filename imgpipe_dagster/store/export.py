@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.store.errors import ConfigurationError
-from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS, RESULT_FIELDS, stream_results
+from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS, EXPORT_FORMATS, RESULT_FIELDS, stream_results
 
 # Bump when a column is added, renamed or retyped; readers find it in every file and the manifest.
 EXPORT_SCHEMA_VERSION = "1"
-FORMATS = ("parquet", "jsonl", "csv")
+FORMATS = EXPORT_FORMATS
 MANIFEST_NAME = "_manifest.json"
 METADATA_PREFIX = "imgpipe."
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -25,8 +25,6 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg.types.json import Jsonb
 
-from imgpipe_dagster.fetch.errors import ErrorClass
-
 # Classes the engine writes besides the fetch errors (engine/outcomes.py; no import: the store sits below it).
 ENGINE_ERROR_CLASSES = ("inference_error",)
 
@@ -153,6 +151,8 @@ class UnknownErrorClassError(ValueError):
 def check_error_classes(conn: psycopg.Connection, error_classes: Sequence[str]) -> None:
     """A misspelt class would requeue nothing without a word: refuse a class that is neither one the
     pipeline writes nor one any failed URL carries."""
+    from imgpipe_dagster.fetch.errors import ErrorClass  # here: the fetch package is heavy for a CLI start
+
     known = {c.value for c in ErrorClass} | set(ENGINE_ERROR_CLASSES)
     for error_class in error_classes:
         if error_class in known:

@@ -20,6 +20,9 @@ RESULT_FIELDS = (
 )  # fmt: skip
 
 DEFAULT_BATCH_ROWS = 2048
+# File formats of an export (store/export.py); named here so the command line lists them without
+# importing pyarrow and pandas.
+EXPORT_FORMATS = ("parquet", "jsonl", "csv")
 
 
 def _where(shard_ids: Sequence[str], analysis_version: str | None) -> tuple[str, dict]:
