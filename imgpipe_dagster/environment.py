@@ -34,6 +34,8 @@ DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
 PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 CONTACT_URL_ENV = "IMGPIPE_CONTACT_URL"
 IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
+RUN_MAX_RUNTIME_ENV = "IMGPIPE_RUN_MAX_RUNTIME_S"
+K8S_RUN_POD_ENV = "IMGPIPE_K8S_RUN_POD"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -82,6 +84,11 @@ class Environment:
     contact_url: str | None = None
     # IMGPIPE_IGNORE_ROBOTS_TXT: only for corpora whose hosts gave permission; robots.txt is obeyed otherwise
     ignore_robots_txt: bool = False
+    # IMGPIPE_RUN_MAX_RUNTIME_S: a shard run older than this is stopped by run monitoring (the backstop for
+    # a run worker that died unnoticed); None: the default of jobs.py
+    run_max_runtime_s: int | None = None
+    # IMGPIPE_K8S_RUN_POD: run pod file of the Kubernetes deployment (deploy/k8s/run_pod.yaml)
+    k8s_run_pod: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -135,4 +142,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         pg_shared_buffers_mb=_text(environ, PG_SHARED_BUFFERS_ENV),
         contact_url=_text(environ, CONTACT_URL_ENV),
         ignore_robots_txt=_flag(environ, IGNORE_ROBOTS_TXT_ENV),
+        run_max_runtime_s=_int(environ, RUN_MAX_RUNTIME_ENV, 60),
+        k8s_run_pod=_text(environ, K8S_RUN_POD_ENV),
     )

@@ -54,6 +54,7 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+from imgpipe_dagster.deploy.celery_nodes import queues_for
 from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
@@ -69,6 +70,7 @@ from imgpipe_dagster.throttle.decide import (
     decide,
 )
 from imgpipe_dagster.throttle.health import probe_all
+from imgpipe_dagster.throttle.placement import QUEUE_TAG
 
 KIND_TAG = "imgpipe/kind"
 SHARD_RUN = "shard_run"
@@ -118,12 +120,14 @@ def gpu_health(gpu_model: GpuModelResource, timeout_s: float) -> tuple[GpuHealth
     return probe_all(urls, timeout_s)
 
 
-def shard_run_request(shard: str, profile: str, decision_id: int, source: str = "throttle") -> RunRequest:
+def shard_run_request(
+    shard: str, profile: str, decision_id: int, source: str = "throttle", queue: str | None = None
+) -> RunRequest:
+    tags = {KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)}
+    if queue:
+        tags[QUEUE_TAG] = queue  # the Celery node that runs it (docs/DEPLOY.md)
     return RunRequest(
-        run_key=f"{shard}@{decision_id}",
-        job_name=analysis_job_name(profile),
-        partition_key=shard,
-        tags={KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)},
+        run_key=f"{shard}@{decision_id}", job_name=analysis_job_name(profile), partition_key=shard, tags=tags
     )
 
 
@@ -157,7 +161,11 @@ def throttle_tick(
         if decision_id % PRUNE_EVERY == 0:
             queries.prune_decisions(conn, KEEP_TICKS_DAYS)
     context.log.info(describe(decision_id, decision, inputs, tick_ms))
-    requests = [shard_run_request(shard, decision.profile, decision_id) for shard in decision.submit]
+    queues = queues_for(context.instance, runs, decision.submit, turn=decision_id)
+    requests = [
+        shard_run_request(shard, decision.profile, decision_id, queue=queues.get(shard))
+        for shard in decision.submit
+    ]
     return SensorResult(
         run_requests=requests,
         cursor=decision.state.to_cursor(),
