@@ -49,10 +49,11 @@ def live_nodes(instance: DagsterInstance, timeout_s: float = INSPECT_TIMEOUT_S) 
 
 def queues_for(
     instance: DagsterInstance, runs_in_flight: Sequence, shards: Sequence[str], turn: int
-) -> dict[str, str]:
-    """Shard -> the queue of the live node with the most free slots (see throttle/placement.py)."""
+) -> dict[str, str] | None:
+    """Shard -> the queue of the live node with the most free slots, for the shards that find a free slot
+    (see throttle/placement.py); None without Celery nodes (no placement)."""
     if not shards:
-        return {}
+        return None
     nodes = live_nodes(instance)
     load = Counter(run.tags[QUEUE_TAG] for run in runs_in_flight if QUEUE_TAG in run.tags)
     return place(shards, nodes, load, turn)

@@ -161,10 +161,14 @@ def throttle_tick(
         if decision_id % PRUNE_EVERY == 0:
             queries.prune_decisions(conn, KEEP_TICKS_DAYS)
     context.log.info(describe(decision_id, decision, inputs, tick_ms))
+    # On Celery nodes a shard goes to a node with a free slot; the others wait for a later tick.
     queues = queues_for(context.instance, runs, decision.submit, turn=decision_id)
+    submit = decision.submit if queues is None else [shard for shard in decision.submit if shard in queues]
+    if len(submit) < len(decision.submit):
+        context.log.info(f"{len(decision.submit) - len(submit)} shard(s) wait for a free node slot")
     requests = [
-        shard_run_request(shard, decision.profile, decision_id, queue=queues.get(shard))
-        for shard in decision.submit
+        shard_run_request(shard, decision.profile, decision_id, queue=(queues or {}).get(shard))
+        for shard in submit
     ]
     return SensorResult(
         run_requests=requests,
@@ -195,6 +199,7 @@ def build_throttle_sensor(
     name: str = "throttle",
     default_status: DefaultSensorStatus | None = None,
     jobs: Sequence = (),
+    interval_s: int = MINIMUM_INTERVAL_S,
 ):
     """The throttle sensor; tests pass their own settings and clock."""
     if default_status is None:
@@ -204,7 +209,7 @@ def build_throttle_sensor(
     @sensor(
         name=name,
         jobs=list(jobs or ANALYSIS_JOBS.values()),
-        minimum_interval_seconds=MINIMUM_INTERVAL_S,
+        minimum_interval_seconds=interval_s,
         default_status=default_status,
         description="Feeds shard runs into the free slots of the current profile; steps the profile down "
         "on failures/timeouts/latency, up after a healthy period; pauses when the GPUs are down or the "

@@ -24,20 +24,23 @@ class Node:
 
 def place(
     shards: Sequence[str], nodes: Sequence[Node], load: Mapping[str, int], turn: int = 0
-) -> dict[str, str]:
-    """Shard -> queue. Each shard goes to the node with the most free slots after the shards placed before
-    it; among equals the order rotates by ``turn`` (the sensor passes its decision id), so equal nodes take
-    turns from tick to tick. A full cluster still places (the broker queues the run on the least
-    overloaded node). No nodes: no placement (the launcher's default queue)."""
+) -> dict[str, str] | None:
+    """Shard -> queue, for as many shards as the nodes have free slots; the rest wait for a later tick
+    (a run parked in a busy node's queue would sit STARTING, and die with that node). Each shard goes to the
+    node with the most free slots after the shards placed before it; among equals the order rotates by
+    ``turn`` (the sensor passes its decision id), so equal nodes take turns from tick to tick.
+    No nodes: None (no placement: every shard takes the launcher's default queue)."""
     if not nodes:
-        return {}
-    busy = {node.queue: load.get(node.queue, 0) for node in nodes}
+        return None
+    free = {node.queue: node.slots - load.get(node.queue, 0) for node in nodes}
     rotated = [nodes[(turn + i) % len(nodes)] for i in range(len(nodes))]
     placed: dict[str, str] = {}
     for shard in shards:
-        best = max(rotated, key=lambda node: node.slots - busy[node.queue])  # first among equals wins
+        best = max(rotated, key=lambda node: free[node.queue])  # first among equals wins
+        if free[best.queue] <= 0:
+            break
         placed[shard] = best.queue
-        busy[best.queue] += 1
+        free[best.queue] -= 1
         # the node just used goes last among equals: round-robin within the tick as well
         rotated.remove(best)
         rotated.append(best)
