@@ -65,7 +65,9 @@ def tree_cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def run_setup(nodes: int, server_url: str, urls: list[str], shard_size: int, gpu_url: str, state: Path) -> dict:
+def run_setup(
+    nodes: int, server_url: str, urls: list[str], shard_size: int, gpu_url: str, state: Path
+) -> dict:
     from dagster import DagsterInstance, DagsterRunStatus
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
@@ -158,7 +160,9 @@ def run_setup(nodes: int, server_url: str, urls: list[str], shard_size: int, gpu
                         run_walls.append(stats.end_time - stats.start_time)
                 succeeded = sum(r.status == DagsterRunStatus.SUCCESS for r in runs)
             with db.connect(project) as conn:
-                counts = dict(conn.execute("SELECT state::text, count(*) FROM corpus_urls GROUP BY 1").fetchall())
+                counts = dict(
+                    conn.execute("SELECT state::text, count(*) FROM corpus_urls GROUP BY 1").fetchall()
+                )
         return {
             "wall": wall, "counts": counts, "runs": len(run_ids), "succeeded": succeeded,
             "cpu": cpu_peak_sample - cpu_before, "run_wall_mean": sum(run_walls) / max(1, len(run_walls)),
