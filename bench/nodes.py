@@ -12,7 +12,8 @@ CeleryRunLauncher, the shards dealt to the nodes' queues in turn (what the throt
 equal nodes). Time runs from the first launch to the last run's end.
 
 One JSON line per figure: images/s and URLs finalised/s per setup, the two-to-one ratio, the CPU the
-whole setup used (workers and their runs, as cores of this machine) and the runs' mean wall time.
+whole setup used (workers and their runs, as cores of this machine), the runs' mean wall time and the
+machine's load average at the end (other jobs on a shared machine slow both setups).
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ def main() -> None:
                  **common)  # fmt: skip
             emit(figure="run_wall_mean_s", value=round(result["run_wall_mean"], 1), **common)
         emit(figure="images_per_s_ratio_two_to_one", value=round(rates[2] / rates[1], 3), web=args.web)
+        emit(figure="load_average_1min", value=round(os.getloadavg()[0], 1), cores=os.cpu_count())
     finally:
         server.stdin.close()
         server.wait(timeout=30)
