@@ -137,3 +137,15 @@ def test_without_a_run_pod_file_the_jobs_carry_no_kubernetes_tag(monkeypatch):
 
     monkeypatch.delenv("IMGPIPE_K8S_RUN_POD", raising=False)
     assert "dagster-k8s/config" not in analysis_job("medium").tags
+
+
+@pytest.mark.parametrize("variant", ["k8s", "celery"])
+def test_the_deploy_instance_files_are_valid_dagster_instance_config(variant, tmp_path, monkeypatch):
+    from dagster._core.instance.config import dagster_instance_config
+
+    monkeypatch.setenv("IMGPIPE_DAGSTER_DATABASE_URL", "postgresql+psycopg2://imgpipe@db-host/imgpipe_dagster")
+    monkeypatch.setenv("IMGPIPE_CELERY_BROKER", "redis://redis-host:6379/0")
+    (tmp_path / "dagster.yaml").write_text((REPO_ROOT / "deploy" / variant / "dagster.yaml").read_text())
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_launcher"]["class"] == {"k8s": "K8sRunLauncher", "celery": "CeleryRunLauncher"}[variant]
+    assert config["run_monitoring"]["enabled"]
