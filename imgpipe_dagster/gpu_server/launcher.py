@@ -169,20 +169,37 @@ class GpuServerLauncher:
         return sorted(stopped)
 
     def revive(self, endpoint: Endpoint) -> Endpoint | None:
-        """Start the server of ``endpoint``'s slot again, on the same port with ``self.settings``, when
-        its record is there but its process is gone (killed, crashed). None when it runs (another
-        caller restarted it first) or when its record is gone (``imgpipe gpu-server stop``: a person
-        stopped it, so it stays stopped). Raises ServerStartError when the new process does not get ready."""
-        if self.settings is None or not endpoint.slot:
-            raise ValueError("revive needs the launcher's settings and an endpoint from ensure()")
+        """Start the server of ``endpoint``'s slot again when its record is there but its process is
+        gone (killed, crashed): the same settings file it ran (same settings hash), on the same port,
+        so the runs' routers find it at the same URL. None when it runs (another caller restarted it
+        first) or when its record is gone (``imgpipe gpu-server stop``: a person stopped it, so it
+        stays stopped). Raises ServerStartError when the new process does not get ready."""
+        if not endpoint.slot:
+            raise ValueError("revive needs an endpoint from ensure() (with its slot)")
         with self._lock(endpoint.slot):
             record = self._read_record(endpoint.slot)
             if record is None or self._alive(record):
                 return None
-            wanted = self._wanted(endpoint.device, endpoint.port, record.get("host") or self.settings.host)
+            try:
+                wanted = ServerSettings.from_json(Path(record["settings_file"]).read_text())
+            except (KeyError, OSError, SettingsError) as exc:
+                if self.settings is None:
+                    raise ServerStartError(f"server in slot {endpoint.slot}: its settings are gone ({exc})") from exc
+                wanted = self._wanted(endpoint.device, endpoint.port, record.get("host") or self.settings.host)
+            wanted = wanted.replace(port=int(record.get("port") or endpoint.port))
             self._forget(endpoint.slot)
             started = self._start(endpoint.device, endpoint.slot, wanted, "restarted", ())
         return dataclasses.replace(started, slot=endpoint.slot)
+
+    def recorded_endpoints(self) -> list[Endpoint]:
+        """An endpoint per recorded server with a port, alive or not (what a watchdog can revive)."""
+        endpoints = []
+        for slot in self._recorded_slots():
+            record = self._read_record(slot)
+            if record is not None and record.get("port"):
+                endpoints.append(Endpoint(record["url"], int(record["port"]), record["device"], int(record["pid"]),
+                                          "reused", record.get("settings_hash") or "", slot=slot))  # fmt: skip
+        return endpoints
 
     def record_of(self, slot: str) -> tuple[dict[str, Any] | None, bool]:
         """(the slot's record or None, whether its process lives)."""
