@@ -23,6 +23,7 @@ from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.router_snapshots import write_router_snapshot
+from imgpipe_dagster.run_log import forwarded_to_run_log
 from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.store.stats import parse_stats
 from imgpipe_dagster.store.verify import verify
@@ -124,4 +125,6 @@ def _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher
         postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker)), endpoints,
         gpu_token=gpu_model.bearer_token(), progress=progress,
     )  # fmt: skip
-    return runner.run()
+    # a managed server that dies is restarted; the router's waiting/resumed lines reach the run log
+    with gpu_model.keep_alive(), forwarded_to_run_log(context.log):
+        return runner.run()

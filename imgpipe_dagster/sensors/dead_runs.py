@@ -26,10 +26,15 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from dagster._core.events import JobFailureData, RunFailureReason
+from dagster._utils.error import SerializableErrorInfo
 
 from imgpipe_dagster.resources import PostgresResource
 from imgpipe_dagster.store import liveness
 
+# The failure message's first line: the cause shard_run_failures counts retries by (one text for
+# every dead run, whatever its host or evidence; the details follow on the next line).
+DEAD_RUN_CAUSE = "imgpipe dead-run detector: the run's process stopped renewing its heartbeat and leases"
 DEAD_RUN_INTERVAL_S = 30
 # Slack past an expiry before a run counts as dead: a database restart stalls every heartbeat at once.
 DEAD_RUN_GRACE_S = 30.0
@@ -52,8 +57,11 @@ def fail_dead_runs(instance: DagsterInstance, postgres: PostgresResource, grace_
             if run is None or run.status != DagsterRunStatus.STARTED:
                 continue
             released = liveness.reclaim(conn, dead.run_id)
-            message = f"imgpipe dead-run detector: {dead.describe()}; {released} URLs returned to the pool"
-            instance.report_run_failed(run, message=message)
+            message = f"{DEAD_RUN_CAUSE}\n{dead.describe()}; {released} URLs returned to the pool"
+            # an error with a class of its own: shard_run_failures records "DeadRun: <first line>" as the cause
+            error = SerializableErrorInfo(message=message, stack=[], cls_name="DeadRun")
+            failure = JobFailureData(error=error, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION)
+            instance.report_run_failed(run, message=message, job_failure_data=failure)
             handled.append(message)
     return handled
 

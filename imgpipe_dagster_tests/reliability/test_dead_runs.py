@@ -20,12 +20,19 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from dagster import DagsterEventType, DagsterRunStatus, build_sensor_context
+from dagster import (
+    DagsterEventType,
+    DagsterRunStatus,
+    RunRequest,
+    build_run_status_sensor_context,
+    build_sensor_context,
+)
 
 from imgpipe_dagster.environment import ALLOWED_NETWORKS_ENV, DEPLOYMENT_ENV, GPU_ENDPOINTS_ENV
 from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.resources import PostgresResource
-from imgpipe_dagster.sensors.dead_runs import build_dead_run_sensor
+from imgpipe_dagster.sensors.dead_runs import DEAD_RUN_CAUSE, build_dead_run_sensor
+from imgpipe_dagster.sensors.run_failure import shard_run_failures
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.support import refused_port, seed_corpus
 
@@ -124,7 +131,17 @@ def test_a_killed_run_is_failed_and_its_urls_go_back_to_the_pool(
 
     assert status == DagsterRunStatus.FAILURE, f"run still {status} after {ticks} sensor ticks"
     failure = dagster_instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_FAILURE).records
-    assert "dead-run detector" in failure[-1].event_log_entry.dagster_event.message
+    event = failure[-1].event_log_entry.dagster_event
+    assert event.message.startswith(DEAD_RUN_CAUSE)
+    # The failure takes the ordinary path: shard_run_failures records its cause and retries the shard.
+    context = build_run_status_sensor_context(
+        sensor_name="shard_run_failures", dagster_event=event, dagster_instance=dagster_instance,
+        dagster_run=dagster_instance.get_run_by_id(run.run_id), resources={"postgres": PostgresResource()},
+    ).for_run_failure()  # fmt: skip
+    retry = shard_run_failures(context)
+    assert isinstance(retry, RunRequest) and retry.partition_key == SHARD
+    (cause,) = conn.execute("SELECT cause FROM run_failures WHERE run_id = %s", (run.run_id,)).fetchone()
+    assert cause.startswith("DeadRun: imgpipe dead-run detector")
     assert _leased_by(conn, run.run_id) == 0
     states = conn.execute("SELECT state::text, count(*), max(attempts) FROM corpus_urls GROUP BY 1").fetchall()
     assert states == [("pending", len(urls), 0)]  # all back in the pool, no retry spent
