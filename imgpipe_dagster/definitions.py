@@ -30,6 +30,7 @@ from imgpipe_dagster.environment import (
     EnvironmentValueError,
     read_environment,
 )
+from imgpipe_dagster.executor import shard_run_executor
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, INGEST_JOB, REPORT_JOB
 from imgpipe_dagster.requeue_job import requeue_failed
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
@@ -80,4 +81,6 @@ defs = Definitions(
     sensors=SENSORS,
     schedules=SCHEDULES,
     resources=deployment_resources(read_environment()),
+    # in-process inside a Celery worker's daemonic pool process, Dagster's default elsewhere
+    executor=shard_run_executor,
 )

@@ -35,6 +35,8 @@ PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 CONTACT_URL_ENV = "IMGPIPE_CONTACT_URL"
 IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
 EXPORT_URI_ENV = "IMGPIPE_EXPORT_URI"
+RUN_MAX_RUNTIME_ENV = "IMGPIPE_RUN_MAX_RUNTIME_S"
+K8S_RUN_POD_ENV = "IMGPIPE_K8S_RUN_POD"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -85,6 +87,11 @@ class Environment:
     ignore_robots_txt: bool = False
     # IMGPIPE_EXPORT_URI: base of the result files (a directory or a pyarrow URI); None: $IMGPIPE_HOME/export
     export_uri: str | None = None
+    # IMGPIPE_RUN_MAX_RUNTIME_S: a shard run older than this is stopped by run monitoring (the backstop for
+    # a run worker that died unnoticed); None: the default of jobs.py
+    run_max_runtime_s: int | None = None
+    # IMGPIPE_K8S_RUN_POD: run pod file of the Kubernetes deployment (deploy/k8s/run_pod.yaml)
+    k8s_run_pod: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -139,4 +146,6 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         contact_url=_text(environ, CONTACT_URL_ENV),
         ignore_robots_txt=_flag(environ, IGNORE_ROBOTS_TXT_ENV),
         export_uri=_text(environ, EXPORT_URI_ENV),
+        run_max_runtime_s=_int(environ, RUN_MAX_RUNTIME_ENV, 60),
+        k8s_run_pod=_text(environ, K8S_RUN_POD_ENV),
     )

@@ -11,10 +11,16 @@ from __future__ import annotations
 from dagster import AssetSelection, define_asset_job
 
 from imgpipe_dagster.assets.config import PROFILE_TAG
+from imgpipe_dagster.deploy.k8s import run_pod_tags
+from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
 
 ANALYSIS = AssetSelection.assets("image_analysis")
+# Backstop for a run whose worker died unnoticed (a Celery worker killed mid-run leaves its run STARTED):
+# run monitoring stops a shard run older than this. A 10,000-URL shard takes minutes to an hour.
+DEFAULT_MAX_RUNTIME_S = 6 * 3600
+MAX_RUNTIME_TAG = "dagster/max_runtime"
 
 
 def analysis_job_name(profile: str) -> str:
@@ -30,8 +36,19 @@ def analysis_job(profile: str):
         partitions_def=url_shards,
         config=profile_run_config(profile),
         description=f"Analyse shards with the {profile} profile (profiles/{profile}.yaml).",
-        tags={PROFILE_TAG: profile},
+        tags=analysis_job_tags(profile),
     )
+
+
+def analysis_job_tags(profile: str) -> dict[str, str]:
+    """The profile tag, the max-runtime backstop and, on Kubernetes, the run pod (deploy/k8s.py)."""
+    env = read_environment()
+    max_runtime_s = env.run_max_runtime_s or DEFAULT_MAX_RUNTIME_S
+    return {
+        PROFILE_TAG: profile,
+        MAX_RUNTIME_TAG: str(max_runtime_s),
+        **run_pod_tags(profile, env.k8s_run_pod),
+    }
 
 
 ANALYSIS_JOBS = {name: analysis_job(name) for name in PROFILE_NAMES}

@@ -67,3 +67,41 @@ def _wait(process: subprocess.Popen | int, timeout_s: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL_S)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def supervise(command: list[str], grace_s: float = 30.0, interrupt: signal.Signals = signal.SIGINT) -> int:
+    """Run ``command`` as the leader of a new process group until it exits or this process gets SIGINT,
+    SIGTERM or SIGHUP; then stop the whole group: ``interrupt`` to the leader first (its graceful
+    path), SIGTERM then SIGKILL to the group after ``grace_s``. Returns the leader's exit code, or
+    128 + the signal received.
+
+    Our handlers are installed before the child starts, so it gets default dispositions (a handled
+    signal resets at exec) even when this process was started with SIGINT or SIGTERM ignored, which
+    a child would otherwise inherit and never stop on."""
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        child = subprocess.Popen(command, start_new_session=True)
+        try:
+            while not received and child.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=POLL_S * 2)
+        finally:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(interrupt)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=grace_s)
+            # what the leader left behind (or all of it, when the leader did not stop in time)
+            stop_process_group(child, grace_s=min(grace_s, 10.0))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else child.returncode

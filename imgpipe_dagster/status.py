@@ -14,6 +14,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,6 +46,7 @@ class GpuServerStatus:
     memory_kind: str | None = None  # "gpu" (NVML / torch.cuda) or "rss" (CPU server process)
     breaker: str | None = None  # closed / open / half-open as the runs' routers see it; None: no run
     error: str | None = None
+    log_tail: list[str] = field(default_factory=list)  # a dead managed server: the end of its log
 
 
 @dataclass
@@ -76,6 +78,26 @@ def known_gpu_servers(extra: list[str] | None = None) -> list[str]:
     from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 
     return discover_endpoints([*read_environment().gpu_endpoints, *(extra or [])])
+
+
+DEAD_LOG_LINES = 5
+
+
+def dead_managed_servers(records_dir: Path | None = None) -> list[GpuServerStatus]:
+    """Servers the launcher recorded whose process is gone (killed, crashed, or left after its idle
+    timeout): listed as dead with the end of their log, not hidden. A run restarts its own."""
+    from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher, tail_of_log
+
+    dead = []
+    for record in GpuServerLauncher(records_dir).status():
+        if record["alive"] or not record.get("port"):
+            continue
+        tail = tail_of_log(record.get("log", ""), DEAD_LOG_LINES).splitlines()
+        dead.append(GpuServerStatus(
+            url=record["url"].rstrip("/"), reachable=False, status="dead", device=record.get("device"),
+            error=f"process {record.get('pid')} is gone (managed server, {record.get('device')})", log_tail=tail,
+        ))  # fmt: skip
+    return dead
 
 
 def probe_gpu_server(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> GpuServerStatus:
@@ -145,8 +167,9 @@ def _last_ten_minutes(p: Progress, now: datetime) -> list[dict[str, Any]]:
     return [{"minute": m, "ok": seen.get(m, (0, 0))[0], "failed": seen.get(m, (0, 0))[1]} for m in minutes]
 
 
-def collect(conn: psycopg.Connection, gpu_urls: list[str] | None = None) -> Status:
-    """Everything the screen shows; ``gpu_urls`` None means the servers ``known_gpu_servers`` finds."""
+def collect(conn: psycopg.Connection, gpu_urls: list[str] | None = None, include_dead: bool = False) -> Status:
+    """Everything the screen shows; ``gpu_urls`` None means the servers ``known_gpu_servers`` finds and
+    the dead managed ones (``include_dead`` adds those to a given list too)."""
     conn.execute("SET TIME ZONE 'UTC'")  # the per-minute view's labels match the minutes built here
     p = progress(conn)
     now = conn.execute("SELECT now()").fetchone()[0].astimezone(UTC)
@@ -155,6 +178,8 @@ def collect(conn: psycopg.Connection, gpu_urls: list[str] | None = None) -> Stat
     urls_servers = known_gpu_servers() if gpu_urls is None else [u.rstrip("/") for u in gpu_urls]
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(urls_servers)))) as pool:
         servers = list(pool.map(probe_gpu_server, urls_servers))
+    if gpu_urls is None or include_dead:
+        servers += [dead for dead in dead_managed_servers() if dead.url not in urls_servers]
     breakers = read_breakers()
     for server in servers:
         server.breaker = breakers.get(server.url)

@@ -2,16 +2,14 @@
 listens.
 
 Servers the tests start bind port 0 and report the port they got; nothing here picks a port for a
-server to bind later, except ``gpu_base_port`` (the chaos test restarts a killed GPU server on its port)."""
+server to bind later."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import random
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 
@@ -25,36 +23,6 @@ def refused_port(host: str = "127.0.0.1") -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         yield sock.getsockname()[1]
-
-
-_RANDOM = random.SystemRandom()  # never the global generator: a test may seed that one
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
-def gpu_base_port(host: str = "127.0.0.1") -> int:
-    """A base port for the GPU server launcher, whose servers bind base, base+1, ... themselves.
-
-    The launcher takes a base port, not port 0, so this one has to be chosen ahead of the servers.
-    To keep that from racing with the rest of the machine it is drawn at random below the kernel's
-    ephemeral range (outgoing connections and port-0 binds never land there), and checked free.
-    """
-    low = _ephemeral_low()
-    for _ in range(200):
-        base = _RANDOM.randrange(max(1024, low - 12000), low - 2)
-        try:
-            with socket.socket() as first, socket.socket() as second:
-                first.bind((host, base))
-                second.bind((host, base + 1))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no two adjacent free ports below {low}")
 
 
 def seed_corpus(conn: psycopg.Connection, shards: dict[str, list[str]]) -> None:

@@ -16,12 +16,14 @@ from dagster import (
 
 from imgpipe_dagster.assets import checks
 from imgpipe_dagster.assets.config import ImageAnalysisConfig
+from imgpipe_dagster.engine.heartbeat import RunHeartbeat
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.stats import RunSummary
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.router_snapshots import write_router_snapshot
+from imgpipe_dagster.run_log import forwarded_to_run_log
 from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.store.stats import parse_stats
 from imgpipe_dagster.store.verify import verify
@@ -79,23 +81,10 @@ def image_analysis(
         worker, gpu = config.resolve(run_tags)
     except ProfileError as exc:
         raise Failure(str(exc)) from None
+    # From here on the run's process renews its heartbeat; if it dies, the dead_runs sensor fails the run.
+    with RunHeartbeat(postgres.url(), context.run_id, shards, worker.lease_seconds):
+        summary = _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher)
     model_path, tiny = gpu_model.resolved_model_path()
-    if tiny:
-        context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")
-    endpoints = gpu_model.ensure_endpoints(gpu)
-    context.log.info(f"profile {profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
-                     f"GPU servers {', '.join(endpoints)}")  # fmt: skip
-
-    def progress(line: str, summary: RunSummary) -> None:
-        context.log.info(line)
-        # `imgpipe status` shows the breakers of live runs from these snapshots
-        write_router_snapshot(context.run_id, summary.router)
-
-    runner = ShardRunner(
-        postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker)), endpoints,
-        gpu_token=gpu_model.bearer_token(), progress=progress,
-    )  # fmt: skip
-    summary = runner.run()
 
     with postgres.connect() as conn:
         report = verify(conn, shards)
@@ -117,3 +106,25 @@ def image_analysis(
             metadata={k: v for k, v in metadata.items() if not isinstance(v, MetadataValue)},
         )
     return MaterializeResult(metadata=metadata, check_results=check_results)
+
+
+def _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher) -> RunSummary:
+    model_path, tiny = gpu_model.resolved_model_path()
+    if tiny:
+        context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")
+    endpoints = gpu_model.ensure_endpoints(gpu)
+    context.log.info(f"profile {profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
+                     f"GPU servers {', '.join(endpoints)}")  # fmt: skip
+
+    def progress(line: str, summary: RunSummary) -> None:
+        context.log.info(line)
+        # `imgpipe status` shows the breakers of live runs from these snapshots
+        write_router_snapshot(context.run_id, summary.router)
+
+    runner = ShardRunner(
+        postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker)), endpoints,
+        gpu_token=gpu_model.bearer_token(), progress=progress,
+    )  # fmt: skip
+    # a managed server that dies is restarted; the router's waiting/resumed lines reach the run log
+    with gpu_model.keep_alive(), forwarded_to_run_log(context.log):
+        return runner.run()

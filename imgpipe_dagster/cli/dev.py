@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 
 from imgpipe_dagster.cli.ports import ensure_port_free
 from imgpipe_dagster.local_instance import dagster_home, prepare_environment
+from imgpipe_dagster.processes import supervise
+
+# `dagster dev` stops its webserver, daemon and code servers on SIGINT; this long for them to finish
+# before the rest of its process group is terminated.
+DEV_STOP_GRACE_S = 30.0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -24,4 +28,5 @@ def cmd_dev(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port),
            "-m", "imgpipe_dagster.definitions"]
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)
-    return subprocess.call(cmd)
+    # SIGTERM, SIGHUP or Ctrl-C: the whole tree stops (webserver, daemon, code servers, run workers).
+    return supervise(cmd, grace_s=DEV_STOP_GRACE_S)

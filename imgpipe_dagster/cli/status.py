@@ -40,7 +40,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         gpu_urls = known_gpu_servers(args.gpu)
     while True:
         with db.connect(url) as conn:
-            status = collect(conn, gpu_urls)
+            status = collect(conn, gpu_urls, include_dead=True)
         if args.json:
             print(json.dumps(status.as_dict(), default=str), flush=True)
         else:
@@ -104,7 +104,8 @@ def render(status: Status, width: int = SCREEN_WIDTH) -> str:
     for g in status.gpu_servers:
         name = g.url.removeprefix("http://").removeprefix("https://")
         if not g.reachable:
-            lines.append(_fit(f"  {name:<26} {'DOWN':<8} {g.error or ''}", width))
+            lines.append(_fit(f"  {name:<26} {'DEAD' if g.status == 'dead' else 'DOWN':<8} {g.error or ''}", width))
+            lines += [_fit(f"    | {line}", width) for line in g.log_tail]
             continue
         queue = f"{g.queue_size}/{g.queue_capacity}"
         batch = f"{g.mean_batch_size:.1f}/{g.max_batch_size}"

@@ -40,7 +40,7 @@ from imgpipe_dagster.resilience.limiter import QueueFull, QueueTimeout
 from imgpipe_dagster.resilience.retry import RetryPolicy
 from imgpipe_dagster.resilience.router import Router
 from imgpipe_dagster.resilience.settings import RetrySettings
-from imgpipe_dagster.store import work
+from imgpipe_dagster.store import liveness, work
 from imgpipe_dagster.store.work import ClaimedUrl, Leftover, UrlOutcome
 
 log = logging.getLogger("imgpipe.engine")
@@ -128,6 +128,7 @@ class ShardRunner:
         self.outstanding = 0  # leased by us and not yet written
         self.unfinished_at_start = 0  # URLs of our shards not final when the run began (for the ETA)
         self.leftover = Leftover()
+        self.waiting_for: str | None = None  # whose leases the run waits for, said in the progress lines
         # set while a run is under way (run_async), None outside it
         self.pool: ConnectionPool | None = None
         self.writer: OutcomeWriter | None = None
@@ -268,6 +269,7 @@ class ShardRunner:
                     self._queue_url(item)
                 if claimed:
                     waiting_on_others_since = None
+                    self.waiting_for = None
                     continue
                 if self.outstanding > 0:
                     await asyncio.sleep(0.2)
@@ -286,6 +288,7 @@ class ShardRunner:
                 if left.leased:
                     # Someone else holds the rest; a dead run's leases expire and become claimable.
                     waiting_on_others_since = waiting_on_others_since or time.monotonic()
+                    await self._say_what_we_wait_for()
                     if time.monotonic() - waiting_on_others_since > 2 * run.lease_seconds:
                         log.warning("%d URLs stay leased by other live runs; leaving them to those runs", left.leased)
                         return
@@ -446,6 +449,23 @@ class ShardRunner:
             fetcher.max_in_flight = limit
             self.downloads.sample(in_flight, limit)
 
+    async def _say_what_we_wait_for(self) -> None:
+        """Put in the run log whose leases this run waits for and until when (once per change)."""
+        holders = await self._db(liveness.lease_holders, self.shard_ids, self.owner)
+        if not holders:
+            return
+        parts = []
+        for holder in holders:
+            beat = (f"last heartbeat {holder.heartbeat_at.astimezone(UTC):%H:%M:%S} UTC" if holder.heartbeat_at
+                    else "no heartbeat")  # fmt: skip
+            parts.append(f"{holder.urls} URLs leased by run {holder.owner} ({beat}) until "
+                         f"{holder.expires_at.astimezone(UTC):%H:%M:%S} UTC")  # fmt: skip
+        note = ("waiting for " + "; ".join(parts) + ": claimable when those leases expire unless renewed "
+                "(a dead run's are released sooner by the dead_runs sensor)")  # fmt: skip
+        if note != self.waiting_for:
+            self.waiting_for = note
+            self.progress(note, self.stats.summary(router=self.router.snapshot()))
+
     async def _heartbeat(self) -> None:
         interval = self.settings.run.lease_seconds / 4
         while True:
@@ -460,7 +480,8 @@ class ShardRunner:
             await asyncio.sleep(self.settings.run.progress_interval_s)
             remaining = max(self.unfinished_at_start - self.stats.finished, 0)
             summary = self.stats.summary(router=self.router.snapshot())
-            self.progress(self.stats.progress_line(remaining), summary)
+            line = self.stats.progress_line(remaining)
+            self.progress(f"{line}; {self.waiting_for}" if self.waiting_for else line, summary)
             release_free_memory()  # keeps a long run's RSS flat (see host_memory.py)
 
 

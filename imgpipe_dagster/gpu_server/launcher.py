@@ -73,6 +73,8 @@ class Endpoint:
     settings_hash: str
     # Settings fields that differed from the running server's (``model.`` prefix for the model part).
     changed: tuple[str, ...] = ()
+    # the launcher's slot (state file names): revive() restarts the server of this slot
+    slot: str = ""
 
     @property
     def reused(self) -> bool:
@@ -142,12 +144,12 @@ class GpuServerLauncher:
         host = host or self.settings.host
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max(1, len(devices))) as pool:
+            slots = [_slot(base_port, offset) for offset in range(len(devices))]
             futures = [
-                pool.submit(self._ensure_one, device, _slot(base_port, offset),
-                            base_port + offset if base_port else 0, host)  # fmt: skip
-                for offset, device in enumerate(devices)
+                pool.submit(self._ensure_one, device, slot, base_port + offset if base_port else 0, host)
+                for offset, (device, slot) in enumerate(zip(devices, slots, strict=True))
             ]
-            endpoints = [future.result() for future in futures]
+            endpoints = [dataclasses.replace(future.result(), slot=slot) for future, slot in zip(futures, slots, strict=True)]
         for endpoint in endpoints:
             log.info(endpoint.describe())
         return endpoints
@@ -165,6 +167,44 @@ class GpuServerLauncher:
                     stopped.append(int(record["port"]))
                 self._forget(slot)
         return sorted(stopped)
+
+    def revive(self, endpoint: Endpoint) -> Endpoint | None:
+        """Start the server of ``endpoint``'s slot again when its record is there but its process is
+        gone (killed, crashed): the same settings file it ran (same settings hash), on the same port,
+        so the runs' routers find it at the same URL. None when it runs (another caller restarted it
+        first) or when its record is gone (``imgpipe gpu-server stop``: a person stopped it, so it
+        stays stopped). Raises ServerStartError when the new process does not get ready."""
+        if not endpoint.slot:
+            raise ValueError("revive needs an endpoint from ensure() (with its slot)")
+        with self._lock(endpoint.slot):
+            record = self._read_record(endpoint.slot)
+            if record is None or self._alive(record):
+                return None
+            try:
+                wanted = ServerSettings.from_json(Path(record["settings_file"]).read_text())
+            except (KeyError, OSError, SettingsError) as exc:
+                if self.settings is None:
+                    raise ServerStartError(f"server in slot {endpoint.slot}: its settings are gone ({exc})") from exc
+                wanted = self._wanted(endpoint.device, endpoint.port, record.get("host") or self.settings.host)
+            wanted = wanted.replace(port=int(record.get("port") or endpoint.port))
+            self._forget(endpoint.slot)
+            started = self._start(endpoint.device, endpoint.slot, wanted, "restarted", ())
+        return dataclasses.replace(started, slot=endpoint.slot)
+
+    def recorded_endpoints(self) -> list[Endpoint]:
+        """An endpoint per recorded server with a port, alive or not (what a watchdog can revive)."""
+        endpoints = []
+        for slot in self._recorded_slots():
+            record = self._read_record(slot)
+            if record is not None and record.get("port"):
+                endpoints.append(Endpoint(record["url"], int(record["port"]), record["device"], int(record["pid"]),
+                                          "reused", record.get("settings_hash") or "", slot=slot))  # fmt: skip
+        return endpoints
+
+    def record_of(self, slot: str) -> tuple[dict[str, Any] | None, bool]:
+        """(the slot's record or None, whether its process lives)."""
+        record = self._read_record(slot)
+        return record, record is not None and self._alive(record)
 
     def live_records(self) -> list[dict[str, Any]]:
         """The records of the servers whose process lives (no /health probe)."""
@@ -439,6 +479,11 @@ def _url(host: str, port: int) -> str:
 def _terminate(pid: int, timeout_s: float) -> None:
     """SIGTERM (graceful: uvicorn finishes in-flight requests), then SIGKILL after ``timeout_s``."""
     stop_process_group(pid, timeout_s)
+
+
+def tail_of_log(path: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of a server log, or "(no log)"."""
+    return _tail(path, lines)
 
 
 def _tail(path: str, lines: int = 40) -> str:

@@ -180,8 +180,10 @@ def _flat(settings: ServerSettings) -> dict[str, Any]:
 
 
 def settings_hash(settings: ServerSettings) -> str:
-    """Hash of what a server runs (placement and token excluded): equal hashes, same behaviour."""
-    canonical = json.dumps(_flat(settings), sort_keys=True)
+    """Hash of what a server runs (placement and token excluded): equal hashes, same behaviour. Taken
+    from the settings as a server loads them from its file, so 900 and 900.0 hash alike."""
+    loaded = ServerSettings.from_dict(json.loads(settings.to_json(include_token=False)))
+    canonical = json.dumps(_flat(loaded), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -15,8 +16,9 @@ from imgpipe_dagster.environment import (
     MODEL_PATH_ENV,
 )
 from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
-from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
 from imgpipe_dagster.gpu_server.settings import ServerSettings
+from imgpipe_dagster.gpu_server.watchdog import ServerWatchdog
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.profiles import GpuServerProfile
 from imgpipe_dagster.settings_map import model_settings, server_settings
@@ -68,6 +70,8 @@ class GpuModelResource(ConfigurableResource):
     )
     # Dagster's logger of the run (or sensor) using the resource: what ensure_endpoints did reaches it.
     _log: logging.Logger | logging.LoggerAdapter | None = PrivateAttr(default=None)
+    # managed mode: the launcher and endpoints of the last ensure_endpoints (what keep_alive watches)
+    _managed: tuple[GpuServerLauncher, list[Endpoint]] | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         self._log = context.log
@@ -113,10 +117,21 @@ class GpuModelResource(ConfigurableResource):
                 except HealthUnavailable as exc:
                     report.warning(f"GPU server {url} is not answering ({exc}); the run waits for it")
             return list(self.endpoints)
-        endpoints = self.launcher(profile).ensure(self.devices, base_port=self.base_port)
+        launcher = self.launcher(profile)
+        endpoints = launcher.ensure(self.devices, base_port=self.base_port)
+        self._managed = (launcher, endpoints)
         for endpoint in endpoints:
             report.info(endpoint.describe())
         return [e.url for e in endpoints]
+
+    def keep_alive(self) -> contextlib.AbstractContextManager:
+        """While the block runs, a managed server of this run that dies is restarted with the same
+        settings (gpu_server/watchdog.py), each step in the run log. External servers: nothing."""
+        if self.mode != "managed" or self._managed is None:
+            return contextlib.nullcontext()
+        launcher, endpoints = self._managed
+        report = self._log or log
+        return ServerWatchdog(launcher, endpoints, report.warning)
 
 
 def ensure_tiny_model() -> Path:

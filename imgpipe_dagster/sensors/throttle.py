@@ -54,6 +54,7 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+from imgpipe_dagster.deploy.celery_nodes import queues_for
 from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
@@ -69,6 +70,7 @@ from imgpipe_dagster.throttle.decide import (
     decide,
 )
 from imgpipe_dagster.throttle.health import probe_all
+from imgpipe_dagster.throttle.placement import QUEUE_TAG
 
 KIND_TAG = "imgpipe/kind"
 SHARD_RUN = "shard_run"
@@ -118,12 +120,14 @@ def gpu_health(gpu_model: GpuModelResource, timeout_s: float) -> tuple[GpuHealth
     return probe_all(urls, timeout_s)
 
 
-def shard_run_request(shard: str, profile: str, decision_id: int, source: str = "throttle") -> RunRequest:
+def shard_run_request(
+    shard: str, profile: str, decision_id: int, source: str = "throttle", queue: str | None = None
+) -> RunRequest:
+    tags = {KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)}
+    if queue:
+        tags[QUEUE_TAG] = queue  # the Celery node that runs it (docs/DEPLOY.md)
     return RunRequest(
-        run_key=f"{shard}@{decision_id}",
-        job_name=analysis_job_name(profile),
-        partition_key=shard,
-        tags={KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)},
+        run_key=f"{shard}@{decision_id}", job_name=analysis_job_name(profile), partition_key=shard, tags=tags
     )
 
 
@@ -157,7 +161,15 @@ def throttle_tick(
         if decision_id % PRUNE_EVERY == 0:
             queries.prune_decisions(conn, KEEP_TICKS_DAYS)
     context.log.info(describe(decision_id, decision, inputs, tick_ms))
-    requests = [shard_run_request(shard, decision.profile, decision_id) for shard in decision.submit]
+    # On Celery nodes a shard goes to a node with a free slot; the others wait for a later tick.
+    queues = queues_for(context.instance, runs, decision.submit, turn=decision_id)
+    submit = decision.submit if queues is None else [shard for shard in decision.submit if shard in queues]
+    if len(submit) < len(decision.submit):
+        context.log.info(f"{len(decision.submit) - len(submit)} shard(s) wait for a free node slot")
+    requests = [
+        shard_run_request(shard, decision.profile, decision_id, queue=(queues or {}).get(shard))
+        for shard in submit
+    ]
     return SensorResult(
         run_requests=requests,
         cursor=decision.state.to_cursor(),
@@ -187,6 +199,7 @@ def build_throttle_sensor(
     name: str = "throttle",
     default_status: DefaultSensorStatus | None = None,
     jobs: Sequence = (),
+    interval_s: int = MINIMUM_INTERVAL_S,
 ):
     """The throttle sensor; tests pass their own settings and clock."""
     if default_status is None:
@@ -196,7 +209,7 @@ def build_throttle_sensor(
     @sensor(
         name=name,
         jobs=list(jobs or ANALYSIS_JOBS.values()),
-        minimum_interval_seconds=MINIMUM_INTERVAL_S,
+        minimum_interval_seconds=interval_s,
         default_status=default_status,
         description="Feeds shard runs into the free slots of the current profile; steps the profile down "
         "on failures/timeouts/latency, up after a healthy period; pauses when the GPUs are down or the "

@@ -1,9 +1,10 @@
 """One engine run as its own process, so the chaos test can SIGKILL it mid-run.
 
-    python -m imgpipe_dagster_tests.reliability.chaos_worker <database_url> <owner> <shards,> <endpoints,>
+    python -m imgpipe_dagster_tests.reliability.chaos_worker <database_url> <owner> <shards,> <endpoints,> <gpu_state_dir>
 
 Prints the run's summary as one JSON line when it ends. The settings are the chaos test's: short
-timeouts and leases so faults and lost leases cost seconds, not minutes.
+timeouts and leases so faults and lost leases cost seconds, not minutes. Like a Dagster run in managed
+mode, the worker watches the launcher's servers it uses and restarts one that dies (gpu_server/watchdog.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import replace
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.fetch.settings import FetchSettings
+from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.gpu_server.watchdog import ServerWatchdog
 from imgpipe_dagster.profiles import resolve
 from imgpipe_dagster.settings_map import engine_settings
 
@@ -72,13 +75,16 @@ def chaos_engine_settings() -> EngineSettings:
 
 
 def main(argv: list[str]) -> int:
-    database_url, owner, shards, endpoints = argv
+    database_url, owner, shards, endpoints, gpu_state_dir = argv
     logging.basicConfig(level=logging.WARNING, format=f"[{owner}] %(levelname)s %(name)s: %(message)s")
     runner = ShardRunner(
         database_url, owner, shards.split(","), chaos_engine_settings(), endpoints.split(","),
         progress=lambda line, summary: print(f"[{owner}] {line}", file=sys.stderr, flush=True),
     )  # fmt: skip
-    summary = runner.run()
+    launcher = GpuServerLauncher(gpu_state_dir)
+    watched = [e for e in launcher.recorded_endpoints() if e.url in endpoints.split(",")]
+    with ServerWatchdog(launcher, watched):  # reports on the imgpipe.gpu_server.watchdog logger (stderr)
+        summary = runner.run()
     print(json.dumps(summary.as_dict(), default=str), flush=True)
     return 0
 
