@@ -34,6 +34,11 @@ DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
 PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 CONTACT_URL_ENV = "IMGPIPE_CONTACT_URL"
 IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
+PROMPT_ENV = "IMGPIPE_PROMPT"
+IMAGE_STORE_ENV = "IMGPIPE_IMAGE_STORE"
+# IMGPIPE_IMAGE_STORE values that mean "on, in the default place" (paths.image_store_dir)
+IMAGE_STORE_DEFAULT_VALUES = ("1", "true", "yes", "on")
+IMAGE_STORE_DEFAULT = "default"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -82,6 +87,11 @@ class Environment:
     contact_url: str | None = None
     # IMGPIPE_IGNORE_ROBOTS_TXT: only for corpora whose hosts gave permission; robots.txt is obeyed otherwise
     ignore_robots_txt: bool = False
+    # IMGPIPE_PROMPT: the prompt (resources/prompts/<name>.txt) of the analysis; None means analysis_v1
+    prompt: str | None = None
+    # IMGPIPE_IMAGE_STORE: where runs keep the images they sent to the model (IMAGE_STORE_DEFAULT: under
+    # IMGPIPE_HOME, see paths.image_store_dir); None: off
+    image_store: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -135,4 +145,13 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         pg_shared_buffers_mb=_text(environ, PG_SHARED_BUFFERS_ENV),
         contact_url=_text(environ, CONTACT_URL_ENV),
         ignore_robots_txt=_flag(environ, IGNORE_ROBOTS_TXT_ENV),
+        prompt=_text(environ, PROMPT_ENV),
+        image_store=_image_store(environ),
     )
+
+
+def _image_store(environ: Mapping[str, str]) -> str | None:
+    value = _text(environ, IMAGE_STORE_ENV)
+    if value is None or value.lower() in ("0", "false", "no", "off"):
+        return None
+    return IMAGE_STORE_DEFAULT if value.lower() in IMAGE_STORE_DEFAULT_VALUES else value
