@@ -106,7 +106,7 @@ def image_analysis(
     runner = ShardRunner(
         postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker), prompt_name),
         endpoints, gpu_token=gpu_model.bearer_token(), progress=progress, analysis_version=version,
-        image_store=str(store_dir) if store_dir else None,
+        image_store=str(store_dir) if store_dir else None, reuse_duplicates=config.reuse_duplicates,
     )  # fmt: skip
     summary = runner.run()
 

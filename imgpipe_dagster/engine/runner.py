@@ -181,7 +181,10 @@ class ShardRunner:
         self.in_flight.budget = MachineBudget(imgpipe_home() / "downloads-in-flight", self.owner,
                                               run.machine_downloads_in_flight)  # fmt: skip
         try:
-            rebound = await self._db(versions.bind_shards, self.shard_ids, self.analysis_version, self.owner)
+            # an unversioned run (engine callers that name no version) only takes shards no version bound
+            rebound = {}
+            if self.analysis_version != versions.UNVERSIONED:
+                rebound = await self._db(versions.bind_shards, self.shard_ids, self.analysis_version, self.owner)
             for shard_id, previous in rebound.items():
                 if previous is not None:
                     log.info("shard %s: analysis version %s -> %s (its results under %s are kept)", shard_id,

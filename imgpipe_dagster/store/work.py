@@ -113,12 +113,14 @@ _DUE = "(next_attempt_at IS NULL OR next_attempt_at <= now())"
 
 # Retries that came due and expired leases are picked before fresh URLs, so a retry happens while
 # fresh work still flows instead of in a tail after the first pass.
-# Only shards bound to the claimer's analysis version (store/versions.py; any version when it names
-# none) are claimed; FOR SHARE keeps a concurrent rebind of the shard from slipping between.
+# Only shards bound to the claimer's analysis version are claimed (store/versions.py; any shard when it
+# names none; an unversioned claimer takes the shards no version has bound yet). FOR SHARE keeps a
+# concurrent rebind of the shard from slipping between.
 _CLAIM = f"""
 WITH bound AS (
     SELECT shard_id FROM shards
-     WHERE shard_id = ANY(%(shards)s) AND (%(version)s::text IS NULL OR analysis_version = %(version)s)
+     WHERE shard_id = ANY(%(shards)s)
+       AND (%(version)s::text IS NULL OR coalesce(analysis_version, %(unversioned)s) = %(version)s)
        FOR SHARE
 ), again AS (
     SELECT url_hash FROM corpus_urls
@@ -150,7 +152,7 @@ def claim(
     runs claim side by side."""
     rows = conn.execute(
         _CLAIM, {"owner": owner, "lease_s": lease_s, "shards": list(shard_ids), "limit": limit,
-                 "version": analysis_version},
+                 "version": analysis_version, "unversioned": UNVERSIONED},
     ).fetchall()
     conn.commit()
     return [ClaimedUrl(bytes(h), url, shard, attempts) for h, url, shard, attempts in rows]

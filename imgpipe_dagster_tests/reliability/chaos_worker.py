@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
     runner = ShardRunner(
         database_url, owner, shards.split(","), chaos_engine_settings(), endpoints.split(","),
         progress=lambda line, summary: print(f"[{owner}] {line}", file=sys.stderr, flush=True),
+        reuse_duplicates=False,  # the corpus repeats its photos: every image goes to the GPU tier under attack
     )  # fmt: skip
     summary = runner.run()
     print(json.dumps(summary.as_dict(), default=str), flush=True)
