@@ -110,3 +110,22 @@ def test_results_of_a_shard_are_read_per_version(conn, shard):
     assert {r["analysis_version"] for r in bound} == {B} and len(bound) == 4
     assert {r["analysis_version"] for r in old} == {A} and len(old) == 4
     assert versions.versions_of_shards(conn, [shard]) == {A: {"ok": 4}, B: {"ok": 4}}
+
+
+def test_imgpipe_verify_checks_the_configured_version_unless_told(conn, shard, database_url, monkeypatch, capsys):
+    from imgpipe_dagster import cli
+    from imgpipe_dagster.store import database as db
+    from imgpipe_dagster.versioning import configured_analysis_version
+
+    monkeypatch.setenv(db.DATABASE_URL_ENV, database_url)
+    monkeypatch.delenv("IMGPIPE_PROMPT", raising=False)
+    current = configured_analysis_version().label
+    analyse(conn, "run-a", current)
+    analyse(conn, "run-b", B)  # the shard is now bound to B; the current version's rows stay
+
+    assert cli.main(["verify", "--require-complete"]) == 0
+    assert f"analysis version: {current}" in capsys.readouterr().out
+    assert cli.main(["verify", "--require-complete", "--analysis-version", "bound"]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", "--require-complete", "--analysis-version", "caption_short_v1:000000000000"]) == 1
+    assert f"{NOT_ANALYSED}=4" in capsys.readouterr().out
