@@ -129,3 +129,18 @@ def test_imgpipe_verify_checks_the_configured_version_unless_told(conn, shard, d
     capsys.readouterr()
     assert cli.main(["verify", "--require-complete", "--analysis-version", "caption_short_v1:000000000000"]) == 1
     assert f"{NOT_ANALYSED}=4" in capsys.readouterr().out
+
+
+def test_near_duplicates_are_counted_not_merged(conn, shard):
+    versions.bind_shards(conn, [shard], A, "run-a")
+    claimed = work.claim(conn, "run-a", [shard], 100, 60, A)
+    # two re-encodings of one picture (same perceptual hash, other bytes), one reuse of exact bytes, one other
+    columns = [{"sha256": "s1", "phash": 42}, {"sha256": "s2", "phash": 42},
+               {"sha256": "s1", "phash": 42, "reused_from": claimed[0].url_hash}, {"sha256": "s3", "phash": 7}]  # fmt: skip
+    work.write_outcomes(conn, "run-a", [UrlOutcome(c.url_hash, c.url, c.shard_id, "done", 1, result=r)
+                                        for c, r in zip(claimed, columns, strict=True)], A)  # fmt: skip
+    assert versions.duplicate_counts(conn, shard, A) == versions.DuplicateCounts(reused=1, near_duplicates=3)
+    assert versions.duplicate_counts(conn, shard, B) == versions.DuplicateCounts(reused=0, near_duplicates=0)
+    found = versions.find_reusable(conn, A, ["s1", "s3", "s9"])
+    assert set(found) == {"s1", "s3"} and found["s1"].source_url_hash == claimed[0].url_hash
+    assert versions.find_reusable(conn, B, ["s1"]) == {}
