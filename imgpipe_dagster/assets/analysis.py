@@ -27,7 +27,7 @@ from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.store.stats import parse_stats
 from imgpipe_dagster.store.verify import verify
-from imgpipe_dagster.store.versions import duplicate_counts
+from imgpipe_dagster.store.versions import ShardBusyError, duplicate_counts
 from imgpipe_dagster.versioning import configured_analysis_version, configured_prompt
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
@@ -108,7 +108,10 @@ def image_analysis(
         endpoints, gpu_token=gpu_model.bearer_token(), progress=progress, analysis_version=version,
         image_store=str(store_dir) if store_dir else None, reuse_duplicates=config.reuse_duplicates,
     )  # fmt: skip
-    summary = runner.run()
+    try:
+        summary = runner.run()
+    except ShardBusyError as exc:  # another version's run holds the shard: a later run takes it
+        raise Failure(str(exc)) from None
 
     with postgres.connect() as conn:
         report = verify(conn, shards, analysis_version=version)

@@ -12,7 +12,8 @@ from imgpipe_dagster.partitions import URL_SHARDS
 from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.store.verify import verify
-from imgpipe_dagster.store.versions import versions_of_shards
+from imgpipe_dagster.store.versions import bind_shards, versions_of_shards
+from imgpipe_dagster.store.work import claim
 from imgpipe_dagster_tests.assets.versions_support import (
     PROMPT_CHANGE,
     image_analysis_as_configured,
@@ -75,3 +76,27 @@ def test_prompt_change_marks_shards_stale_and_reanalysis_keeps_old_analyses(
     for version in (old_version, new_version):
         report = verify(conn, SHARDS, analysis_version=version)
         assert report.complete and report.final == 5, report.lines()
+
+
+def test_a_shard_held_by_another_versions_live_run_fails_the_run_with_one_line(
+    dagster_instance, database_url, conn, tiny_model_dir, imgpipe_home
+):
+    seed_corpus(conn, {SHARDS[0]: ["https://example.org/a.jpg", "https://example.org/b.jpg"]})
+    dagster_instance.add_dynamic_partitions(URL_SHARDS, SHARDS[:1])
+    bind_shards(conn, SHARDS[:1], "caption_short_v1:000000000000", "other-run")
+    claim(conn, "other-run", SHARDS[:1], 1, 600, "caption_short_v1:000000000000")
+    resources = {"postgres": PostgresResource(database_url=database_url),
+                 "gpu_model": GpuModelResource(mode="external", endpoints=["http://127.0.0.1:9"],
+                                               model_path=str(tiny_model_dir)),
+                 "fetcher": FetcherResource(allowed_networks=["127.0.0.0/8"])}  # fmt: skip
+
+    result = materialize([image_analysis_as_configured()], instance=dagster_instance, resources=resources,
+                         run_config=RUN_CONFIG, partition_key=SHARDS[0], raise_on_error=False)  # fmt: skip
+
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert f"shard {SHARDS[0]} is being analysed under version caption_short_v1:000000000000 by run other-run" in message
+    assert len(message.strip().splitlines()) == 1
+    states = dict(conn.execute("SELECT state::text, count(*) FROM corpus_urls GROUP BY 1").fetchall())
+    assert states == {"leased": 1, "pending": 1}  # the other run's work is untouched
