@@ -72,9 +72,6 @@ class DuplicateImages:
         if leader is not None and not leader.done():
             leader.set_result(analysis)
 
-    def is_leading(self, sha256: str | None) -> bool:
-        return sha256 is not None and sha256 in self._leaders
-
     async def _stored(self, sha256: str) -> ReusableAnalysis | None:
         future = asyncio.get_running_loop().create_future()
         self._queued.append((sha256, future))

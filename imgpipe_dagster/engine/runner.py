@@ -361,9 +361,11 @@ class ShardRunner:
                     outcome = outcomes.fetch_failure(claimed, result, self.fetch_retry, datetime.now(UTC),
                                                      deferral_s=self.settings.run.host_deferral_s)  # fmt: skip
                     self._emit(outcome, claimed)
+            if self._routing:  # images still waiting for a duplicate's analysis (the GPU stage answers it)
+                await asyncio.gather(*list(self._routing))
         finally:
-            if self._routing:
-                await asyncio.gather(*list(self._routing), return_exceptions=True)
+            for task in list(self._routing):  # a failed or cancelled run: nobody answers them any more
+                task.cancel()
             await self.images.put(_END)
 
     async def _to_gpu(self, fetched: _Fetched) -> None:
