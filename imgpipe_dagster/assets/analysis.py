@@ -123,6 +123,8 @@ def image_analysis(
         "shards": MetadataValue.json(shards),
         "model": model_path + (" (tiny random test model: text is noise)" if tiny else ""),
         "analysis_version": version,
+        # shards this run moved from another version (their old results are kept): {shard: previous version}
+        "previous_versions": MetadataValue.json(runner.rebound),
         "prompt": prompt_name,
         "duplicates_reused": sum(d.reused for d in duplicates.values()),
         # same perceptual hash, other bytes: reported per shard, analysed separately

@@ -133,6 +133,7 @@ class ShardRunner:
         self._routing: set[asyncio.Task] = set()  # images waiting for a duplicate lookup
         self._routing_slots = asyncio.Semaphore(256)
         self._leaders: dict[bytes, str] = {}  # url_hash -> sha256 of images sent for their duplicates
+        self.rebound: dict[str, str] = {}  # shards this run moved from another analysis version: {shard: previous}
         self.stats = RunStats()
         self.downloads = DownloadFigures()
         self.fetch_retry = RetryPolicy(settings.fetch_retry)
@@ -185,10 +186,10 @@ class ShardRunner:
             rebound = {}
             if self.analysis_version != versions.UNVERSIONED:
                 rebound = await self._db(versions.bind_shards, self.shard_ids, self.analysis_version, self.owner)
-            for shard_id, previous in rebound.items():
-                if previous is not None:
-                    log.info("shard %s: analysis version %s -> %s (its results under %s are kept)", shard_id,
-                             previous, self.analysis_version, previous)  # fmt: skip
+            self.rebound = {shard: previous for shard, previous in rebound.items() if previous is not None}
+            for shard_id, previous in self.rebound.items():
+                log.info("shard %s: analysis version %s -> %s (its results under %s are kept)", shard_id,
+                         previous, self.analysis_version, previous)  # fmt: skip
             counts = await self._db(work.shard_state_counts, self.shard_ids)
             self.stats.total_urls = sum(counts.values())
             self.unfinished_at_start = sum(counts[s] for s in work.UNFINISHED_STATES)

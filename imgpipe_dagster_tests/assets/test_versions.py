@@ -67,6 +67,7 @@ def test_prompt_change_marks_shards_stale_and_reanalysis_keeps_old_analyses(
     assert stale_partitions(dagster_instance, changed, SHARDS) == {}
     materialization = result.asset_materializations_for_node("image_analysis")[0]
     assert materialization.metadata["analysis_version"].value == new_version
+    assert materialization.metadata["previous_versions"].value == dict.fromkeys(SHARDS, old_version)
 
     held = versions_of_shards(conn, SHARDS)
     assert held == {old_version: {"ok": 4, "failed": 1}, new_version: {"ok": 4, "failed": 1}}
