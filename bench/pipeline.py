@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -20,9 +19,11 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_db import fresh_database  # noqa: E402
 
 from imgpipe_dagster.store import database as db  # noqa: E402
-from imgpipe_dagster.store.migrations import migrate  # noqa: E402
 from imgpipe_dagster.store.work import (  # noqa: E402
     UrlOutcome,
     claim,
@@ -123,17 +124,10 @@ def main() -> None:
     parser.add_argument("--devices", default="cpu,cpu")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
-    server = os.environ.get("IMGPIPE_DATABASE_URL") or db.resolve_database_url()
-    url = db.with_database(server, f"imgpipe_bench_{uuid.uuid4().hex[:6]}")
-    db.ensure_database(url)
-    try:
-        with db.connect(url) as conn:
-            migrate(conn)
+    with fresh_database() as url:
         bench_writer(url, args.writer_rows, args.chunk)
         if not args.skip_end_to_end:
             bench_end_to_end(url, args.urls, args.devices.split(","))
-    finally:
-        db.drop_database(url)
 
 
 if __name__ == "__main__":

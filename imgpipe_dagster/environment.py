@@ -37,6 +37,11 @@ IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
 EXPORT_URI_ENV = "IMGPIPE_EXPORT_URI"
 RUN_MAX_RUNTIME_ENV = "IMGPIPE_RUN_MAX_RUNTIME_S"
 K8S_RUN_POD_ENV = "IMGPIPE_K8S_RUN_POD"
+PROMPT_ENV = "IMGPIPE_PROMPT"
+IMAGE_STORE_ENV = "IMGPIPE_IMAGE_STORE"
+# IMGPIPE_IMAGE_STORE values that mean "on, in the default place" (paths.image_store_dir)
+IMAGE_STORE_DEFAULT_VALUES = ("1", "true", "yes", "on")
+IMAGE_STORE_DEFAULT = "default"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
@@ -92,6 +97,11 @@ class Environment:
     run_max_runtime_s: int | None = None
     # IMGPIPE_K8S_RUN_POD: run pod file of the Kubernetes deployment (deploy/k8s/run_pod.yaml)
     k8s_run_pod: str | None = None
+    # IMGPIPE_PROMPT: the prompt (resources/prompts/<name>.txt) of the analysis; None means analysis_v1
+    prompt: str | None = None
+    # IMGPIPE_IMAGE_STORE: where runs keep the images they sent to the model (IMAGE_STORE_DEFAULT: under
+    # IMGPIPE_HOME, see paths.image_store_dir); None: off
+    image_store: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -148,4 +158,13 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         export_uri=_text(environ, EXPORT_URI_ENV),
         run_max_runtime_s=_int(environ, RUN_MAX_RUNTIME_ENV, 60),
         k8s_run_pod=_text(environ, K8S_RUN_POD_ENV),
+        prompt=_text(environ, PROMPT_ENV),
+        image_store=_image_store(environ),
     )
+
+
+def _image_store(environ: Mapping[str, str]) -> str | None:
+    value = _text(environ, IMAGE_STORE_ENV)
+    if value is None or value.lower() in ("0", "false", "no", "off"):
+        return None
+    return IMAGE_STORE_DEFAULT if value.lower() in IMAGE_STORE_DEFAULT_VALUES else value

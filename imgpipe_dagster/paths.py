@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imgpipe_dagster.environment import read_environment
+from imgpipe_dagster.environment import IMAGE_STORE_DEFAULT, read_environment
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -44,6 +44,14 @@ def imgpipe_home() -> Path:
     configured = read_environment().home
     home = Path(configured) if configured else Path.cwd() / ".imgpipe"
     return home.resolve()
+
+
+def image_store_dir() -> Path | None:
+    """Base path of the opt-in image store (``IMGPIPE_IMAGE_STORE``), or None when it is off."""
+    configured = read_environment().image_store
+    if configured is None:
+        return None
+    return imgpipe_home() / "image-store" if configured == IMAGE_STORE_DEFAULT else Path(configured)
 
 
 def gpu_server_records_dir(home: Path | None = None) -> Path:

@@ -19,7 +19,9 @@ from imgpipe_dagster.assets.config import ImageAnalysisConfig
 from imgpipe_dagster.engine.heartbeat import RunHeartbeat
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.stats import RunSummary
+from imgpipe_dagster.engine.versions import analysis_version, model_identity
 from imgpipe_dagster.partitions import url_shards
+from imgpipe_dagster.paths import image_store_dir
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.router_snapshots import write_router_snapshot
@@ -27,6 +29,8 @@ from imgpipe_dagster.run_log import forwarded_to_run_log
 from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.store.stats import parse_stats
 from imgpipe_dagster.store.verify import verify
+from imgpipe_dagster.store.versions import ShardBusyError, duplicate_counts
+from imgpipe_dagster.versioning import configured_analysis_version, configured_prompt
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
 SHARDS_PER_BACKFILL_RUN = 4
@@ -61,6 +65,8 @@ def summary_metadata(summary: RunSummary) -> dict:
     partitions_def=url_shards,
     deps=[AssetKey("url_corpus")],
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=SHARDS_PER_BACKFILL_RUN),
+    # the prompt and model identity (engine/versions.py): a change shows analysed shards as out of date
+    code_version=configured_analysis_version().label,
     check_specs=checks.analysis_check_specs("image_analysis"),
     group_name="analysis",
     kinds={"postgres", "pytorch"},
@@ -81,19 +87,39 @@ def image_analysis(
         worker, gpu = config.resolve(run_tags)
     except ProfileError as exc:
         raise Failure(str(exc)) from None
+    model_path, tiny = gpu_model.resolved_model_path()
+    prompt_name = configured_prompt()
+    version = analysis_version(prompt_name, model_identity(model_path, tiny)).label
+    loaded_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    if version != loaded_version:
+        context.log.warning(f"analysis version {version} differs from the loaded code version {loaded_version}: "
+                            "reload the code location")  # fmt: skip
     # From here on the run's process renews its heartbeat; if it dies, the dead_runs sensor fails the run.
     with RunHeartbeat(postgres.url(), context.run_id, shards, worker.lease_seconds):
-        summary = _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher)
-    model_path, tiny = gpu_model.resolved_model_path()
+        try:
+            runner, summary = _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher,
+                                       prompt_name, version, config.reuse_duplicates)  # fmt: skip
+        except ShardBusyError as exc:  # another version's run holds the shard: a later run takes it
+            raise Failure(str(exc)) from None
 
     with postgres.connect() as conn:
-        report = verify(conn, shards)
-        parsing = parse_stats(conn, shards)
+        report = verify(conn, shards, analysis_version=version)
+        parsing = parse_stats(conn, shards, version)
+        duplicates = {shard: duplicate_counts(conn, shard, version) for shard in shards}
 
     metadata = {
         "profile": profile,
         "shards": MetadataValue.json(shards),
         "model": model_path + (" (tiny random test model: text is noise)" if tiny else ""),
+        "analysis_version": version,
+        # shards this run moved from another version (their old results are kept): {shard: previous version}
+        "previous_versions": MetadataValue.json(runner.rebound),
+        "prompt": prompt_name,
+        "duplicates_reused": sum(d.reused for d in duplicates.values()),
+        # same perceptual hash, other bytes: reported per shard, analysed separately
+        "near_duplicates": MetadataValue.json({shard: d.near_duplicates for shard, d in duplicates.items()}),
+        "images_from_store": runner.image_store.read if runner.image_store else 0,
+        "images_stored": runner.image_store.written if runner.image_store else 0,
     } | summary_metadata(summary)
     check_results = [checks.every_url_final(report), checks.analyses_parse(parsing, tiny), checks.failure_ratio(summary)]
     if not report.ok:
@@ -108,10 +134,14 @@ def image_analysis(
     return MaterializeResult(metadata=metadata, check_results=check_results)
 
 
-def _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher) -> RunSummary:
+def _analyse(
+    context, shards, profile, worker, gpu, postgres, gpu_model, fetcher, prompt_name: str, version: str,
+    reuse_duplicates: bool,
+) -> tuple[ShardRunner, RunSummary]:
     model_path, tiny = gpu_model.resolved_model_path()
     if tiny:
         context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")
+    store_dir = image_store_dir()
     endpoints = gpu_model.ensure_endpoints(gpu)
     context.log.info(f"profile {profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
                      f"GPU servers {', '.join(endpoints)}")  # fmt: skip
@@ -122,9 +152,10 @@ def _analyse(context, shards, profile, worker, gpu, postgres, gpu_model, fetcher
         write_router_snapshot(context.run_id, summary.router)
 
     runner = ShardRunner(
-        postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker)), endpoints,
-        gpu_token=gpu_model.bearer_token(), progress=progress,
+        postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker), prompt_name),
+        endpoints, gpu_token=gpu_model.bearer_token(), progress=progress, analysis_version=version,
+        image_store=str(store_dir) if store_dir else None, reuse_duplicates=reuse_duplicates,
     )  # fmt: skip
     # a managed server that dies is restarted; the router's waiting/resumed lines reach the run log
     with gpu_model.keep_alive(), forwarded_to_run_log(context.log):
-        return runner.run()
+        return runner, runner.run()

@@ -49,6 +49,11 @@ class ImageAnalysisConfig(Config):
     )
     worker: WorkerOverrides = Field(default_factory=WorkerOverrides)  # type: ignore[valid-type]
     gpu_server: GpuServerOverrides = Field(default_factory=GpuServerOverrides)  # type: ignore[valid-type]
+    reuse_duplicates: bool = Field(
+        default=True,
+        description="an image whose bytes (sha256) were already analysed under the same analysis version "
+        "reuses that analysis (its row marked reused_from) instead of going to the GPU",
+    )
 
     def profile_name(self, run_tags: dict | None = None) -> str:
         if self.profile is not None:

@@ -8,6 +8,9 @@ from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.local_instance import prepare_environment
 from imgpipe_dagster.store import database as db
 
+# `imgpipe verify --analysis-version bound`: each shard against the version it is bound to
+BOUND_VERSIONS = "bound"
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("db", help="manage the project database (embedded unless IMGPIPE_DATABASE_URL is set)")
@@ -18,6 +21,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check that every URL is in exactly one final state with its result row")
     p.add_argument("--shard", action="append", help="limit to these shards (repeatable)")
     p.add_argument("--require-complete", action="store_true", help="exit 1 while URLs are still unfinished")
+    p.add_argument("--analysis-version", metavar="V",
+                   help="the analysis version to check (default: the configured prompt and model's; "
+                        f"'{BOUND_VERSIONS}': each shard's own)")  # fmt: skip
     p.set_defaults(handler=cmd_verify)
 
 
@@ -51,10 +57,13 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from imgpipe_dagster.store.verify import verify
+    from imgpipe_dagster.versioning import configured_analysis_version
 
+    version = args.analysis_version or configured_analysis_version().label
     url = db.resolve_database_url()
     with db.connect(url) as conn:
-        report = verify(conn, args.shard or None)
+        report = verify(conn, args.shard or None, analysis_version=None if version == BOUND_VERSIONS else version)
+    print(f"analysis version: {version}")
     print("\n".join(report.lines()))
     if not report.ok:
         return 1

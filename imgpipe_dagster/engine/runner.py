@@ -22,6 +22,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from imgpipe_dagster.engine import outcomes
+from imgpipe_dagster.engine.dedupe import DuplicateImages, analysis_of, reused_outcome
+from imgpipe_dagster.engine.image_store import ImageStore
 from imgpipe_dagster.engine.inflight import InFlightBounds, InFlightController, MachineBudget, Sample
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.stats import RunStats, RunSummary
@@ -40,7 +42,7 @@ from imgpipe_dagster.resilience.limiter import QueueFull, QueueTimeout
 from imgpipe_dagster.resilience.retry import RetryPolicy
 from imgpipe_dagster.resilience.router import Router
 from imgpipe_dagster.resilience.settings import RetrySettings
-from imgpipe_dagster.store import liveness, work
+from imgpipe_dagster.store import liveness, versions, work
 from imgpipe_dagster.store.work import ClaimedUrl, Leftover, UrlOutcome
 
 log = logging.getLogger("imgpipe.engine")
@@ -106,6 +108,9 @@ class ShardRunner:
         gpu_token: str | None = None,
         gpu_names: Sequence[str] | None = None,
         progress: Callable[[str, RunSummary], None] | None = None,
+        analysis_version: str = versions.UNVERSIONED,
+        image_store: str | None = None,
+        reuse_duplicates: bool = True,
     ) -> None:
         if not shard_ids:
             raise ValueError("a shard run needs at least one shard")
@@ -118,6 +123,17 @@ class ShardRunner:
         self.gpu_token = gpu_token
         self.gpu_names = list(gpu_names) if gpu_names else [f"gpu{i}" for i in range(len(self.endpoints))]
         self.progress = progress or (lambda line, summary: log.info(line))
+        # results are stored under this version; the shards are bound to it before any claim
+        self.analysis_version = analysis_version
+        # base path of the image store (engine/image_store.py): stored images are read instead of
+        # downloaded, downloaded ones are added; None: off
+        self.image_store = ImageStore(image_store, owner, settings.fetch.output_format) if image_store else None
+        # identical bytes analysed once per version (engine/dedupe.py); None: every image is sent
+        self.duplicates = DuplicateImages(self._stored_analyses) if reuse_duplicates else None
+        self._routing: set[asyncio.Task] = set()  # images waiting for a duplicate lookup
+        self._routing_slots = asyncio.Semaphore(256)
+        self._leaders: dict[bytes, str] = {}  # url_hash -> sha256 of images sent for their duplicates
+        self.rebound: dict[str, str] = {}  # shards this run moved from another analysis version: {shard: previous}
         self.stats = RunStats()
         self.downloads = DownloadFigures()
         self.fetch_retry = RetryPolicy(settings.fetch_retry)
@@ -162,10 +178,19 @@ class ShardRunner:
             # at checkout instead of failing the next statement.
             check=ConnectionPool.check_connection,
         )  # fmt: skip
-        self.writer = OutcomeWriter(self.pool, self.owner, run.chunk_size, run.max_concurrent_chunks, self._written)
+        self.writer = OutcomeWriter(self.pool, self.owner, run.chunk_size, run.max_concurrent_chunks, self._written,
+                                    analysis_version=self.analysis_version)  # fmt: skip
         self.in_flight.budget = MachineBudget(imgpipe_home() / "downloads-in-flight", self.owner,
                                               run.machine_downloads_in_flight)  # fmt: skip
         try:
+            # an unversioned run (engine callers that name no version) only takes shards no version bound
+            rebound = {}
+            if self.analysis_version != versions.UNVERSIONED:
+                rebound = await self._db(versions.bind_shards, self.shard_ids, self.analysis_version, self.owner)
+            self.rebound = {shard: previous for shard, previous in rebound.items() if previous is not None}
+            for shard_id, previous in self.rebound.items():
+                log.info("shard %s: analysis version %s -> %s (its results under %s are kept)", shard_id,
+                         previous, self.analysis_version, previous)  # fmt: skip
             counts = await self._db(work.shard_state_counts, self.shard_ids)
             self.stats.total_urls = sum(counts.values())
             self.unfinished_at_start = sum(counts[s] for s in work.UNFINISHED_STATES)
@@ -182,6 +207,8 @@ class ShardRunner:
                 if released:
                     log.warning("returned %d leased URLs to pending (run ended early)", released)
             finally:
+                if self.image_store is not None:
+                    await asyncio.to_thread(self.image_store.close)
                 self.in_flight.budget.close()
                 self.pool.close()
                 release_free_memory()
@@ -257,7 +284,8 @@ class ShardRunner:
                 claimed: list[ClaimedUrl] = []
                 if room >= min(high_water // 4, 64) or self.outstanding == 0:
                     try:
-                        claimed = await self._db(work.claim, self.owner, self.shard_ids, room, run.lease_seconds)
+                        claimed = await self._db(work.claim, self.owner, self.shard_ids, room, run.lease_seconds,
+                                                 self.analysis_version)  # fmt: skip
                     except psycopg.OperationalError as exc:  # connection lost; the claim rolled back (almost always)
                         log.warning("claiming work failed (%s); trying again", exc.__class__.__name__)
                         await asyncio.sleep(1.0)
@@ -313,6 +341,10 @@ class ShardRunner:
             _, _, item = await self.urls.get()
             if item is _END:
                 return
+            stored = self.image_store.load(item.shard_id, item.url_hash.hex(), item.url, item) if self.image_store else None
+            if stored is not None:  # kept by an earlier run: no download
+                await self._to_gpu(_Fetched(item, stored))
+                continue
             yield item, item.url
 
     async def _fetch_stage(self, fetcher: ImageFetcher) -> None:
@@ -326,13 +358,43 @@ class ShardRunner:
                 if result.ok:
                     self.downloads.completed_ok += 1
                     self.downloads.body_bytes += result.bytes or 0
-                    await self.images.put(_Fetched(claimed, result))
+                    if self.image_store is not None:
+                        self.image_store.add(claimed.shard_id, claimed.url_hash.hex(), result)
+                    await self._to_gpu(_Fetched(claimed, result))
                 else:
                     outcome = outcomes.fetch_failure(claimed, result, self.fetch_retry, datetime.now(UTC),
                                                      deferral_s=self.settings.run.host_deferral_s)  # fmt: skip
                     self._emit(outcome, claimed)
+            if self._routing:  # images still waiting for a duplicate's analysis (the GPU stage answers it)
+                await asyncio.gather(*list(self._routing))
         finally:
+            for task in list(self._routing):  # a failed or cancelled run: nobody answers them any more
+                task.cancel()
             await self.images.put(_END)
+
+    async def _to_gpu(self, fetched: _Fetched) -> None:
+        """Queue the image for the GPU, unless identical bytes were (or are being) analysed: then the
+        URL reuses that analysis once it is known (engine/dedupe.py), without holding up the fetcher."""
+        if self.duplicates is None or not fetched.result.sha256:
+            await self.images.put(fetched)
+            return
+        await self._routing_slots.acquire()
+        task = asyncio.create_task(self._reuse_or_send(fetched))
+        self._routing.add(task)
+        task.add_done_callback(self._routing.discard)
+        task.add_done_callback(lambda _t: self._routing_slots.release())
+
+    async def _reuse_or_send(self, fetched: _Fetched) -> None:
+        analysis = await self.duplicates.reusable(fetched.result.sha256)
+        if analysis is None:
+            self._leaders[fetched.claimed.url_hash] = fetched.result.sha256
+            await self.images.put(fetched)
+            return
+        self.duplicates.reused += 1
+        self._emit(reused_outcome(fetched.claimed, fetched.result, analysis), fetched.claimed)
+
+    async def _stored_analyses(self, sha256s: Sequence[str]) -> dict:
+        return await self._db(versions.find_reusable, self.analysis_version, sha256s)
 
     async def _request_stage(self) -> None:
         run = self.settings.run
@@ -413,6 +475,9 @@ class ShardRunner:
     # ------------------------------------------------------------------ outcomes
 
     def _emit(self, outcome: UrlOutcome, claimed: ClaimedUrl) -> None:
+        leading = self._leaders.pop(claimed.url_hash, None)
+        if leading is not None:  # the URLs waiting for these bytes reuse this analysis, or send their own
+            self.duplicates.settle(leading, analysis_of(outcome))
         if outcome.error_class and outcome.state != "pending":
             self.stats.failures_by_class[outcome.error_class] += 1
         if claimed.attempts == 0 and outcome.state != "pending":

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from psycopg_pool import ConnectionPool
 
 from imgpipe_dagster.store import work
+from imgpipe_dagster.store.versions import UNVERSIONED
 from imgpipe_dagster.store.work import UrlOutcome
 
 log = logging.getLogger("imgpipe.engine")
@@ -28,9 +29,11 @@ class OutcomeWriter:
         chunk_size: int,
         max_concurrent_chunks: int,
         on_written: Callable[[list[UrlOutcome], float], None],
+        analysis_version: str = UNVERSIONED,
     ) -> None:
         self.pool = pool
         self.owner = owner
+        self.analysis_version = analysis_version  # the version result rows are written under
         self.chunk_size = chunk_size
         # called with each chunk once it is stored, and the seconds the write took
         self.on_written = on_written
@@ -82,4 +85,4 @@ class OutcomeWriter:
 
     def _write_now(self, chunk: list[UrlOutcome]) -> None:
         with self.pool.connection() as conn:
-            work.write_outcomes(conn, self.owner, chunk)
+            work.write_outcomes(conn, self.owner, chunk, self.analysis_version)

@@ -30,7 +30,7 @@ from imgpipe_dagster.store.errors import ConfigurationError
 from imgpipe_dagster.store.results import DEFAULT_BATCH_ROWS, EXPORT_FORMATS, RESULT_FIELDS, stream_results
 
 # Bump when a column is added, renamed or retyped; readers find it in every file and the manifest.
-EXPORT_SCHEMA_VERSION = "1"
+EXPORT_SCHEMA_VERSION = "2"
 FORMATS = EXPORT_FORMATS
 MANIFEST_NAME = "_manifest.json"
 METADATA_PREFIX = "imgpipe."
@@ -62,6 +62,8 @@ SCHEMA = pa.schema([
     ("model_text", pa.string()),
     ("model", pa.string()),
     ("prompt_version", pa.string()),
+    ("analysis_version", pa.string()),       # prompt + model (docs/VERSIONS.md)
+    ("reused", pa.bool_()),                  # copied from an identical image's analysis, no GPU time
     ("prompt_tokens", pa.int32()),
     ("generated_tokens", pa.int32()),
     ("download_ms", pa.float32()),
@@ -262,6 +264,7 @@ def export_shard(
                             analysis_version=analysis_version)  # fmt: skip
     models: set[str] = set()
     prompts: set[str] = set()
+    versions_seen: set[str] = set()
     try:
         with filesystem.open_output_stream(temporary) as stream:
             sink = _ParquetSink(stream) if fmt == "parquet" else _TextSink(stream, fmt)
@@ -272,7 +275,10 @@ def export_shard(
                 exported.batches += 1
                 models.update(v for v in batch.column("model").to_pylist() if v)
                 prompts.update(v for v in batch.column("prompt_version").to_pylist() if v)
+                versions_seen.update(v for v in batch.column("analysis_version").to_pylist() if v)
             exported.models, exported.prompt_versions = sorted(models), sorted(prompts)
+            # asked for none: the shard's bound version, which every row read carries
+            exported.analysis_version = analysis_version or ",".join(sorted(versions_seen)) or None
             sink.close(file_metadata(exported))
         filesystem.move(temporary, final)
     except BaseException:

@@ -113,6 +113,8 @@ def _tally(report: RequeueReport, rows) -> RequeueReport:
 def _move(where: str) -> str:
     # FOR UPDATE re-checks the selection on rows a run changed meanwhile (one it just leased drops out).
     # Every step reads the statement's snapshot, so the archive sees the result rows the delete removes.
+    # A URL's state is its state under its shard's bound version (store/versions.py): only that version's
+    # failed row goes; other versions' rows are their own history.
     return f"""
 WITH picked AS (
     SELECT c.url_hash, c.url, c.shard_id, c.state, c.last_error_class, c.last_error, c.attempts, c.updated_at
@@ -131,11 +133,12 @@ WITH picked AS (
                                    error_message, attempts, http_status, failed_at)
     SELECT %(requeue_id)s, m.url_hash, m.url, m.shard_id, m.state, m.last_error_class,
            coalesce(r.error_message, m.last_error), m.attempts, r.http_status, coalesce(r.created_at, m.updated_at)
-      FROM moved m LEFT JOIN url_analysis_results r ON r.url_hash = m.url_hash AND r.status = 'failed'
+      FROM moved m LEFT JOIN url_analysis_results r
+        ON r.url_hash = m.url_hash AND r.status = 'failed' AND r.analysis_version = coalesce((SELECT s.analysis_version FROM shards s WHERE s.shard_id = m.shard_id), 'unversioned')
     RETURNING 1
 ), removed AS (
     DELETE FROM url_analysis_results r USING moved m
-     WHERE r.url_hash = m.url_hash AND r.status = 'failed'
+     WHERE r.url_hash = m.url_hash AND r.status = 'failed' AND r.analysis_version = coalesce((SELECT s.analysis_version FROM shards s WHERE s.shard_id = m.shard_id), 'unversioned')
     RETURNING 1
 )
 SELECT m.last_error_class, m.state::text, m.shard_id, count(*), (SELECT count(*) FROM removed),

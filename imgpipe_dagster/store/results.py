@@ -1,8 +1,8 @@
 """Reading stored analyses back out: the one place that selects from url_analysis_results for
 export, streamed with a server-side cursor so a shard of any size costs one batch of memory.
 
-``analysis_version`` narrows the rows to one version of the analysis. Until results are kept per
-analysis version, the prompt version (``<prompt name>@<hash of its text>``) stands for it.
+Results are kept per analysis version (store/versions.py): a reader names the version it wants, or
+gets the version each shard is bound to (the one its URL states refer to).
 """
 
 from __future__ import annotations
@@ -11,13 +11,19 @@ from collections.abc import Iterator, Sequence
 
 import psycopg
 
+from imgpipe_dagster.store.versions import UNVERSIONED
+
 # The columns an export reads, in this order (rows come back as tuples of these).
 RESULT_FIELDS = (
     "url", "shard_id", "status", "error_class", "error_message", "http_status", "content_type", "bytes",
     "width", "height", "format", "sha256", "phash", "model_text", "analysis", "parse_ok", "model",
-    "prompt_version", "prompt_tokens", "generated_tokens", "download_ms", "inference_ms", "gpu", "attempts",
+    "prompt_version", "analysis_version", "reused", "prompt_tokens", "generated_tokens", "download_ms", "inference_ms", "gpu", "attempts",
     "created_at",
 )  # fmt: skip
+
+# Fields that are not a column of their own.
+_FIELD_SQL = {"reused": "(r.reused_from IS NOT NULL)"}
+_SELECT = ", ".join(_FIELD_SQL.get(name, f"r.{name}") for name in RESULT_FIELDS)
 
 DEFAULT_BATCH_ROWS = 2048
 # File formats of an export (store/export.py); named here so the command line lists them without
@@ -26,12 +32,12 @@ EXPORT_FORMATS = ("parquet", "jsonl", "csv")
 
 
 def _where(shard_ids: Sequence[str], analysis_version: str | None) -> tuple[str, dict]:
-    where = "r.shard_id = ANY(%(shards)s)"
-    params: dict = {"shards": list(shard_ids)}
-    if analysis_version is not None:
-        where += " AND r.prompt_version = %(version)s"
-        params["version"] = analysis_version
-    return where, params
+    """Rows of the shards under ``analysis_version``, or under the version each shard is bound to."""
+    where = (
+        "r.shard_id = ANY(%(shards)s) AND r.analysis_version = coalesce(%(version)s,"
+        " (SELECT s.analysis_version FROM shards s WHERE s.shard_id = r.shard_id), %(unversioned)s)"
+    )
+    return where, {"shards": list(shard_ids), "version": analysis_version, "unversioned": UNVERSIONED}
 
 
 def stream_results(
@@ -48,7 +54,7 @@ def stream_results(
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     where, params = _where(shard_ids, analysis_version)
     query = (
-        f"SELECT {', '.join('r.' + c for c in RESULT_FIELDS)} FROM url_analysis_results r "  # noqa: S608
+        f"SELECT {_SELECT} FROM url_analysis_results r "  # noqa: S608
         f"WHERE {where} ORDER BY r.shard_id, r.url"
     )  # column names are this module's constants, values are parameters
     with conn.transaction(), conn.cursor(name="imgpipe_results_stream") as cur:

@@ -112,10 +112,12 @@ class ParseStats:
         return self.parsed_json / self.analyses if self.analyses else 1.0
 
 
-def parse_stats(conn: psycopg.Connection, shard_ids: list[str]) -> ParseStats:
+def parse_stats(conn: psycopg.Connection, shard_ids: list[str], analysis_version: str | None = None) -> ParseStats:
+    """Over the results under ``analysis_version`` (every version when None)."""
     analyses, parsed_json, empty = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE parse_ok), count(*) FILTER (WHERE coalesce(model_text, '') = '')"
-        " FROM url_analysis_results WHERE shard_id = ANY(%s) AND status = 'ok'",
-        (shard_ids,),
+        " FROM url_analysis_results WHERE shard_id = ANY(%s) AND status = 'ok'"
+        " AND (%s::text IS NULL OR analysis_version = %s)",
+        (shard_ids, analysis_version, analysis_version),
     ).fetchone()
     return ParseStats(analyses=analyses, parsed_json=parsed_json, empty=empty)

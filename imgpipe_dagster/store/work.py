@@ -16,6 +16,8 @@ from datetime import datetime
 import psycopg
 from psycopg.types.json import Jsonb
 
+from imgpipe_dagster.store.versions import UNVERSIONED
+
 log = logging.getLogger("imgpipe.store")
 
 FINAL_STATES = ("done", "failed_permanent")
@@ -50,7 +52,7 @@ class UrlOutcome:
 RESULT_COLUMNS = (
     "http_status", "content_type", "bytes", "width", "height", "format", "sha256", "phash",
     "model_text", "analysis", "parse_ok", "model", "prompt_version", "prompt_tokens",
-    "generated_tokens", "download_ms", "inference_ms", "gpu",
+    "generated_tokens", "download_ms", "inference_ms", "gpu", "reused_from",
 )  # fmt: skip
 
 _STAGING_COLUMNS = (
@@ -65,12 +67,12 @@ CREATE TEMP TABLE IF NOT EXISTS staging_outcomes (
     http_status integer, content_type text, bytes integer, width integer, height integer, format text,
     sha256 text, phash bigint, model_text text, analysis jsonb, parse_ok boolean, model text,
     prompt_version text, prompt_tokens integer, generated_tokens integer, download_ms real,
-    inference_ms real, gpu text
+    inference_ms real, gpu text, reused_from bytea
 ) ON COMMIT DELETE ROWS
 """
 
 _RESULT_INSERT_COLUMNS = ("url_hash", "url", "shard_id", "status", "attempts", "error_class", "error_message",
-                          "run_id", *RESULT_COLUMNS)  # fmt: skip
+                          "run_id", "analysis_version", *RESULT_COLUMNS)  # fmt: skip
 
 # One statement: leave our lease, then upsert the result rows of the URLs that reached a final state.
 # The UPDATE returns the staged columns itself, so no second join against the staging table is needed.
@@ -92,12 +94,12 @@ WITH owned AS (
     INSERT INTO url_analysis_results ({", ".join(_RESULT_INSERT_COLUMNS)})
     SELECT o.url_hash, o.url, o.shard_id,
            CASE WHEN o.new_state = 'done' THEN 'ok' ELSE 'failed' END,
-           o.attempts, o.error_class, o.error_message, %(owner)s,
+           o.attempts, o.error_class, o.error_message, %(owner)s, %(version)s,
            {", ".join("o." + c for c in RESULT_COLUMNS)}
       FROM owned o
      WHERE o.new_state IN ('done', 'failed_permanent')
-    ON CONFLICT (url_hash) DO UPDATE SET
-           {", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:] if c != "url_hash")},
+    ON CONFLICT (url_hash, analysis_version) DO UPDATE SET
+           {", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:] if c != "analysis_version")},
            created_at = now()
     RETURNING 1
 )
@@ -111,16 +113,24 @@ _DUE = "(next_attempt_at IS NULL OR next_attempt_at <= now())"
 
 # Retries that came due and expired leases are picked before fresh URLs, so a retry happens while
 # fresh work still flows instead of in a tail after the first pass.
+# Only shards bound to the claimer's analysis version are claimed (store/versions.py; any shard when it
+# names none; an unversioned claimer takes the shards no version has bound yet). FOR SHARE keeps a
+# concurrent rebind of the shard from slipping between.
 _CLAIM = f"""
-WITH again AS (
-    SELECT url_hash FROM corpus_urls
+WITH bound AS (
+    SELECT shard_id FROM shards
      WHERE shard_id = ANY(%(shards)s)
+       AND (%(version)s::text IS NULL OR coalesce(analysis_version, %(unversioned)s) = %(version)s)
+       FOR SHARE
+), again AS (
+    SELECT url_hash FROM corpus_urls
+     WHERE shard_id IN (SELECT shard_id FROM bound)
        AND ((state = 'failed_retryable' AND {_DUE}) OR (state = 'leased' AND lease_expires_at < now()))
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ), fresh AS (
     SELECT url_hash FROM corpus_urls
-     WHERE shard_id = ANY(%(shards)s) AND state = 'pending' AND {_DUE}
+     WHERE shard_id IN (SELECT shard_id FROM bound) AND state = 'pending' AND {_DUE}
      LIMIT greatest(%(limit)s - (SELECT count(*) FROM again), 0)
        FOR UPDATE SKIP LOCKED
 )
@@ -134,12 +144,15 @@ RETURNING c.url_hash, c.url, c.shard_id, c.attempts
 
 
 def claim(
-    conn: psycopg.Connection, owner: str, shard_ids: Sequence[str], limit: int, lease_s: float
+    conn: psycopg.Connection, owner: str, shard_ids: Sequence[str], limit: int, lease_s: float,
+    analysis_version: str | None = None,
 ) -> list[ClaimedUrl]:
-    """Lease up to ``limit`` claimable URLs of the shards: due retries and expired leases first, then
-    due pending URLs. SKIP LOCKED lets concurrent runs claim side by side."""
+    """Lease up to ``limit`` claimable URLs of the shards (of those bound to ``analysis_version``, when
+    given): due retries and expired leases first, then due pending URLs. SKIP LOCKED lets concurrent
+    runs claim side by side."""
     rows = conn.execute(
-        _CLAIM, {"owner": owner, "lease_s": lease_s, "shards": list(shard_ids), "limit": limit}
+        _CLAIM, {"owner": owner, "lease_s": lease_s, "shards": list(shard_ids), "limit": limit,
+                 "version": analysis_version, "unversioned": UNVERSIONED},
     ).fetchall()
     conn.commit()
     return [ClaimedUrl(bytes(h), url, shard, attempts) for h, url, shard, attempts in rows]
@@ -232,9 +245,11 @@ def _clip(message: str | None, limit: int = 2000) -> str | None:
     return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
-def write_outcomes(conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlOutcome]) -> tuple[int, int]:
-    """COPY the chunk into a staging table, then apply it in one statement, in one transaction.
-    Returns (URLs whose state moved, result rows written)."""
+def write_outcomes(
+    conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlOutcome], analysis_version: str = UNVERSIONED
+) -> tuple[int, int]:
+    """COPY the chunk into a staging table, then apply it in one statement, in one transaction; result
+    rows are written under ``analysis_version``. Returns (URLs whose state moved, result rows written)."""
     if not outcomes:
         return 0, 0
     with conn.transaction():
@@ -243,19 +258,21 @@ def write_outcomes(conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlO
             with cur.copy(f"COPY staging_outcomes ({', '.join(_STAGING_COLUMNS)}) FROM STDIN") as copy:
                 for outcome in outcomes:
                     copy.write_row(_staging_row(outcome))
-            moved, written = cur.execute(_APPLY_OUTCOMES, {"owner": owner}).fetchone()
+            moved, written = cur.execute(_APPLY_OUTCOMES, {"owner": owner, "version": analysis_version}).fetchone()
     if moved < len(outcomes):
         log.warning("%d of %d outcomes skipped: their lease was no longer held by %s", len(outcomes) - moved,
                     len(outcomes), owner)
     return moved, written
 
 
-def write_outcomes_executemany(conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlOutcome]) -> tuple[int, int]:
+def write_outcomes_executemany(
+    conn: psycopg.Connection, owner: str, outcomes: Sequence[UrlOutcome], analysis_version: str = UNVERSIONED
+) -> tuple[int, int]:
     """The same semantics row by row (executemany): the baseline bench/pipeline.py compares against."""
     moved = written = 0
     columns = ", ".join(_RESULT_INSERT_COLUMNS)
     placeholders = ", ".join(["%s"] * len(_RESULT_INSERT_COLUMNS))
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:])
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RESULT_INSERT_COLUMNS[1:] if c != "analysis_version")
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             "UPDATE corpus_urls SET state = %s, attempts = %s, last_error_class = %s, last_error = %s,"
@@ -268,10 +285,10 @@ def write_outcomes_executemany(conn: psycopg.Connection, owner: str, outcomes: S
         finals = [o for o in outcomes if o.state in FINAL_STATES]
         cur.executemany(
             f"INSERT INTO url_analysis_results ({columns}) VALUES ({placeholders})"  # noqa: S608
-            f" ON CONFLICT (url_hash) DO UPDATE SET {updates}, created_at = now()",
+            f" ON CONFLICT (url_hash, analysis_version) DO UPDATE SET {updates}, created_at = now()",
             [
                 (o.url_hash, o.url, o.shard_id, "ok" if o.state == "done" else "failed", o.attempts,
-                 o.error_class, _clip(o.error_message), owner, *_staging_row(o)[8:])
+                 o.error_class, _clip(o.error_message), owner, analysis_version, *_staging_row(o)[8:])
                 for o in finals
             ],
         )

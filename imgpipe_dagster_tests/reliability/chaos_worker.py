@@ -80,6 +80,7 @@ def main(argv: list[str]) -> int:
     runner = ShardRunner(
         database_url, owner, shards.split(","), chaos_engine_settings(), endpoints.split(","),
         progress=lambda line, summary: print(f"[{owner}] {line}", file=sys.stderr, flush=True),
+        reuse_duplicates=False,  # the corpus repeats its photos: every image goes to the GPU tier under attack
     )  # fmt: skip
     launcher = GpuServerLauncher(gpu_state_dir)
     watched = [e for e in launcher.recorded_endpoints() if e.url in endpoints.split(",")]

@@ -261,7 +261,8 @@ def test_chaos_run_loses_nothing(dagster_instance, database_url, conn, image_ser
                     "gpu_model": GpuModelResource(mode="external", endpoints=chaos.endpoints),
                     "fetcher": FetcherResource(allowed_networks=["127.0.0.0/8"]),
                 },
-                run_config={"ops": {"image_analysis": {"config": {"profile": "medium", "worker": WORKER_OVERRIDES}}}},
+                run_config={"ops": {"image_analysis": {"config": {"profile": "medium", "worker": WORKER_OVERRIDES,
+                                                                  "reuse_duplicates": False}}}},  # fmt: skip
                 tags={"dagster/asset_partition_range_start": shard_ids[0],
                       "dagster/asset_partition_range_end": shard_ids[-1]},
             )  # fmt: skip
