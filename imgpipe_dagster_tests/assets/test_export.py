@@ -67,7 +67,10 @@ def test_export_after_a_real_run_reads_back_with_pandas_and_duckdb(
             meta = pq.read_metadata(path).metadata
             assert json.loads(meta[b"imgpipe.models"]) == [model]
             assert json.loads(meta[b"imgpipe.prompt_versions"]) == [prompt_version]
-            assert meta[b"imgpipe.export_schema_version"] == b"1"
+            assert meta[b"imgpipe.export_schema_version"] == b"2"
+            # the run bound the shard to its analysis version; every row and the file say which
+            (version,) = set(frame.analysis_version)
+            assert version.startswith("analysis_v1:") and meta[b"imgpipe.analysis_version"] == version.encode()
         everything = duck.execute(
             "SELECT shard_id, count(*), count(*) FILTER (WHERE status = 'failed') FROM read_parquet(?)"
             " GROUP BY 1 ORDER BY 1", [str(base / "*.parquet")]).fetchall()  # fmt: skip

@@ -67,7 +67,10 @@ def test_parquet_has_typed_columns_and_versions_and_reads_back(conn, tmp_path):
     assert str(schema.field("created_at").type) == "timestamp[us, tz=UTC]"
     assert pa.types.is_list(schema.field("tags").type) and schema.field("tags").type.value_type == pa.string()
     meta = pq.read_metadata(path).metadata
-    assert meta[b"imgpipe.export_schema_version"] == b"1"
+    assert meta[b"imgpipe.export_schema_version"] == b"2"
+    # rows written without a version are the shard's until a versioned run adopts them
+    assert meta[b"imgpipe.analysis_version"] == b"unversioned" and set(frame.analysis_version) == {"unversioned"}
+    assert not frame.reused.any()
     assert json.loads(meta[b"imgpipe.models"]) == ["qwen-test"]
     assert json.loads(meta[b"imgpipe.prompt_versions"]) == ["analysis_v1@abc"]
     with duckdb.connect() as duck:
@@ -107,7 +110,7 @@ def test_manifest_lists_files_rows_and_versions(conn, tmp_path):
     assert [(f["file"], f["rows"]) for f in manifest["files"]] == [("s1.parquet", 4), ("s2.parquet", 7),
                                                                    ("s3.parquet", 0)]  # fmt: skip
     assert manifest["rows"] == 11 and manifest["models"] == ["qwen-test"]
-    assert manifest["export_schema_version"] == "1"
+    assert manifest["export_schema_version"] == "2"
     assert pd.read_parquet(tmp_path / "s3.parquet").empty
     assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.lock", MANIFEST_NAME, "s1.parquet",
                                                           "s2.parquet", "s3.parquet"]  # fmt: skip
