@@ -17,11 +17,11 @@ def test_a_rerun_says_whose_leases_it_waits_for_and_until_when(conn, database_ur
     with LoggedHost() as host:
         urls = [host.url(f"/ok/{n}.jpg") for n in range(6)]
         seed_corpus(conn, {SHARD: urls})
-        # a dead run's leases on four of them, expiring in 4 s, and its heartbeat (already stale)
+        # a dead run's leases on all of them, expiring in 10 s, and its heartbeat (already stale)
         (expires_at,) = conn.execute(
             "UPDATE corpus_urls SET state = 'leased', lease_owner = 'dead-run',"
-            " lease_expires_at = date_trunc('second', now()) + interval '4 seconds'"
-            " WHERE url = ANY(%s) RETURNING lease_expires_at", (urls[:4],)).fetchall()[0]  # fmt: skip
+            " lease_expires_at = date_trunc('second', now()) + interval '10 seconds'"
+            " RETURNING lease_expires_at").fetchall()[0]  # fmt: skip
         conn.commit()
         liveness.beat(conn, "dead-run", [SHARD], ttl_s=1)
 
@@ -33,7 +33,7 @@ def test_a_rerun_says_whose_leases_it_waits_for_and_until_when(conn, database_ur
     waiting = [line for line in lines if "waiting for" in line]
     assert waiting, lines
     until = expires_at.astimezone(UTC).strftime("%H:%M:%S")
-    assert "waiting for 4 URLs leased by run dead-run (last heartbeat " in waiting[0]
+    assert "waiting for 6 URLs leased by run dead-run (last heartbeat " in waiting[0]
     assert f"until {until} UTC" in waiting[0]
     assert summary.final_count("done") == 6
     assert verify(conn, [SHARD]).complete

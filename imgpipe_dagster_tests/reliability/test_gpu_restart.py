@@ -33,6 +33,10 @@ SHARD = "s000001"
 URLS = 160
 KILL_AFTER_FINAL = 12  # URLs final before the blow: the run is well under way
 RUN_DEADLINE_S = 600
+# A breaker that opens on the first few refused requests and probes every 2 s: the router is surely
+# "all out" while the server restarts (medium's 75 failures may take longer than a quick restart), so
+# its "resumed" line must follow.
+BREAKER = {"circuit_failure_threshold": 4, "circuit_timeout_seconds": 2}
 
 
 def _final(conn) -> int:
@@ -61,7 +65,7 @@ def test_a_killed_managed_server_is_restarted_by_the_run(
 
     def run() -> None:
         outcome["result"] = materialize([image_analysis], instance=dagster_instance, partition_key=SHARD,
-                                        resources=resources(database_url, gpu_model), run_config=run_config(),
+                                        resources=resources(database_url, gpu_model), run_config=run_config(**BREAKER),
                                         raise_on_error=False)  # fmt: skip
 
     runner = threading.Thread(target=run, daemon=True)
