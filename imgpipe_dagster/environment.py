@@ -34,9 +34,14 @@ DAGSTER_DATABASE_URL_ENV = "IMGPIPE_DAGSTER_DATABASE_URL"
 PG_SHARED_BUFFERS_ENV = "IMGPIPE_PG_SHARED_BUFFERS_MB"
 CONTACT_URL_ENV = "IMGPIPE_CONTACT_URL"
 IGNORE_ROBOTS_TXT_ENV = "IMGPIPE_IGNORE_ROBOTS_TXT"
+GPU_API_ENV = "IMGPIPE_GPU_API"
+OPENAI_API_KEY_ENV = "IMGPIPE_OPENAI_API_KEY"
+OPENAI_MODEL_ENV = "IMGPIPE_OPENAI_MODEL"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
+GpuApi = Literal["native", "openai"]
+GPU_APIS: tuple[GpuApi, ...] = ("native", "openai")
 
 
 class EnvironmentValueError(ValueError):
@@ -82,6 +87,12 @@ class Environment:
     contact_url: str | None = None
     # IMGPIPE_IGNORE_ROBOTS_TXT: only for corpora whose hosts gave permission; robots.txt is obeyed otherwise
     ignore_robots_txt: bool = False
+    # IMGPIPE_GPU_API: how runs talk to the GPU tier: "native" (/v1/analyze) or "openai" (chat completions)
+    gpu_api: GpuApi = "native"
+    # IMGPIPE_OPENAI_API_KEY: bearer key of OpenAI-compatible servers (handed to Dagster as an EnvVar)
+    openai_api_key: str | None = None
+    # IMGPIPE_OPENAI_MODEL: the served model name to request; None: the first of each server's /v1/models
+    openai_model: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -115,6 +126,9 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     deployment = (_text(environ, DEPLOYMENT_ENV) or "local").lower()
     if deployment not in DEPLOYMENTS:
         raise EnvironmentValueError(f"{DEPLOYMENT_ENV} must be one of {', '.join(DEPLOYMENTS)}, got {deployment!r}")
+    gpu_api = (_text(environ, GPU_API_ENV) or "native").lower()
+    if gpu_api not in GPU_APIS:
+        raise EnvironmentValueError(f"{GPU_API_ENV} must be one of {', '.join(GPU_APIS)}, got {gpu_api!r}")
     return Environment(
         home=_text(environ, HOME_ENV),
         deployment=deployment,  # type: ignore[arg-type]
@@ -135,4 +149,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         pg_shared_buffers_mb=_text(environ, PG_SHARED_BUFFERS_ENV),
         contact_url=_text(environ, CONTACT_URL_ENV),
         ignore_robots_txt=_flag(environ, IGNORE_ROBOTS_TXT_ENV),
+        gpu_api=gpu_api,  # type: ignore[arg-type]
+        openai_api_key=_text(environ, OPENAI_API_KEY_ENV),
+        openai_model=_text(environ, OPENAI_MODEL_ENV),
     )

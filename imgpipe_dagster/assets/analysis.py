@@ -52,6 +52,18 @@ def summary_metadata(summary: RunSummary) -> dict:
         "next_retry_at": (summary.waiting_for_retry or {}).get("next_due_at") or "",
         "last_retry_at": (summary.waiting_for_retry or {}).get("last_due_at") or "",
         "downloads": MetadataValue.json(summary.downloads or {}),
+        # per GPU endpoint: the adaptive limiter's and the circuit breaker's figures, whatever the tier's API
+        "gpu_tier": MetadataValue.json(gpu_tier_figures(summary.router)),
+    }
+
+
+def gpu_tier_figures(router: dict | None) -> dict:
+    """The router's snapshot reduced to each endpoint's limiter and breaker figures."""
+    router = router or {}
+    return {
+        "counters": router.get("counters", {}),
+        "endpoints": {e["name"]: {"url": e["url"], "limiter": e["limiter"], "breaker": e["breaker"]}
+                      for e in router.get("endpoints", [])},  # fmt: skip
     }
 
 
@@ -82,9 +94,9 @@ def image_analysis(
     model_path, tiny = gpu_model.resolved_model_path()
     if tiny:
         context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")
-    endpoints = gpu_model.ensure_endpoints(gpu)
+    endpoints = gpu_model.ensure_endpoints(gpu, registry_url=postgres.url())
     context.log.info(f"profile {profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
-                     f"GPU servers {', '.join(endpoints)}")  # fmt: skip
+                     f"GPU servers ({gpu_model.api} API) {', '.join(endpoints)}")  # fmt: skip
 
     def progress(line: str, summary: RunSummary) -> None:
         context.log.info(line)
@@ -94,6 +106,7 @@ def image_analysis(
     runner = ShardRunner(
         postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker)), endpoints,
         gpu_token=gpu_model.bearer_token(), progress=progress,
+        client_factory=gpu_model.client_factory(gpu, worker.images_per_request, tiny),
     )  # fmt: skip
     summary = runner.run()
 
@@ -105,6 +118,7 @@ def image_analysis(
         "profile": profile,
         "shards": MetadataValue.json(shards),
         "model": model_path + (" (tiny random test model: text is noise)" if tiny else ""),
+        "gpu_api": gpu_model.api,
     } | summary_metadata(summary)
     check_results = [checks.every_url_final(report), checks.analyses_parse(parsing, tiny), checks.failure_ratio(summary)]
     if not report.ok:

@@ -106,7 +106,10 @@ class ShardRunner:
         gpu_token: str | None = None,
         gpu_names: Sequence[str] | None = None,
         progress: Callable[[str, RunSummary], None] | None = None,
+        client_factory: Callable[[str, float, int], GpuClient] | None = None,
     ) -> None:
+        """``client_factory(base URL, request timeout s, connections)`` makes the GPU tier's client
+        (the native GpuClient by default; gpu_server/openai_client.py for an OpenAI-compatible tier)."""
         if not shard_ids:
             raise ValueError("a shard run needs at least one shard")
         run, fetch = settings.run, settings.fetch
@@ -118,6 +121,10 @@ class ShardRunner:
         self.gpu_token = gpu_token
         self.gpu_names = list(gpu_names) if gpu_names else [f"gpu{i}" for i in range(len(self.endpoints))]
         self.progress = progress or (lambda line, summary: log.info(line))
+        self.client_factory = client_factory or (
+            lambda url, timeout_s, connections: GpuClient(url, token=gpu_token, timeout_s=timeout_s,
+                                                          max_connections=connections)
+        )  # fmt: skip
         self.stats = RunStats()
         self.downloads = DownloadFigures()
         self.fetch_retry = RetryPolicy(settings.fetch_retry)
@@ -214,10 +221,9 @@ class ShardRunner:
         run = self.settings.run
         self.router = Router(self.endpoints, self.settings.limiter, self.settings.breaker, names=self.gpu_names)
         self.clients = {
-            url: GpuClient(url, token=self.gpu_token, timeout_s=run.request_timeout,
-                           max_connections=max(run.max_concurrent_batches, 4))
+            url: self.client_factory(url, run.request_timeout, max(run.max_concurrent_batches, 4))
             for url in self.endpoints
-        }  # fmt: skip
+        }
         try:
             async with ImageFetcher(self.settings.fetch) as fetcher:
                 self.fetcher = fetcher

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from imgpipe_dagster.gpu_server.registration import RegistryHeartbeat, ServerFigures
 from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError
 
 # A fixed port may still be held for a moment by the server this one replaces: the leader of a killed
@@ -45,6 +46,23 @@ def write_port_file(path: Path, port: int) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(str(port))
     temporary.replace(path)  # readers never see a partial number
+
+
+def start_registry_heartbeat(settings: ServerSettings, state) -> RegistryHeartbeat | None:
+    """Announce the server in the project database (settings' registry_url, else IMGPIPE_DATABASE_URL)."""
+    from imgpipe_dagster.environment import read_environment
+
+    database_url = settings.registry_url or read_environment().database_url
+    if not database_url:
+        return None
+    figures = ServerFigures(
+        status=lambda: state.status,
+        queue_size=lambda: state.batcher.queued if state.batcher else 0,
+        processed=lambda: state.batcher.stats.processed if state.batcher else 0,
+    )
+    heartbeat = RegistryHeartbeat(database_url, settings, figures)
+    heartbeat.start()
+    return heartbeat
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60
     )
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    heartbeat = start_registry_heartbeat(settings, app.state.server)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     state = app.state.server
     if state.status == "failed":
         return 1
