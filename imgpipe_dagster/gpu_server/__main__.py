@@ -3,7 +3,9 @@
 The settings file is one ServerSettings JSON document (``ServerSettings.to_json``), validated on
 load; the launcher writes it 0600 because it may carry the bearer token, which must never appear on
 a command line. With ``port`` 0 the server binds any free port; ``--port-file`` receives the port it
-got (written before the model loads), so callers never need to guess a free port.
+got (written before the model loads), so callers never need to guess a free port. With a project
+database (the settings' ``registry_url``, else ``IMGPIPE_DATABASE_URL``) the server registers there and
+beats while it runs (registration.py); a clean exit, SIGTERM included, removes its row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -46,6 +49,10 @@ def write_port_file(path: Path, port: int) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(str(port))
     temporary.replace(path)  # readers never see a partial number
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def start_registry_heartbeat(settings: ServerSettings, state) -> RegistryHeartbeat | None:
@@ -105,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = uvicorn.Server(config)
     heartbeat = start_registry_heartbeat(settings, app.state.server)
+    if heartbeat is not None:
+        # uvicorn drains on SIGTERM, then raises the signal again to end the process: with this handler
+        # that ends as an exception, so the registry row is deleted below instead of ageing out.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         server.run(sockets=[sock])
     finally:

@@ -111,9 +111,9 @@ class ServerSettings:
     # the throttle and `imgpipe status` find it; None: IMGPIPE_DATABASE_URL, else no registration.
     # May carry a password: left out of /health like the token.
     registry_url: str | None = None
-    # new: base URL other machines reach this server at; None: http://<host>:<port>, with the machine's
-    # host name when it binds a wildcard address (0.0.0.0, ::).
-    advertise_url: str | None = None
+    # new: host name or address other machines reach this server at (registered as http://<it>:<port>);
+    # None: the bound address, or the machine's host name when it binds a wildcard address (0.0.0.0, ::).
+    advertise_host: str | None = None
     # new: seconds between two heartbeats in the registry.
     registry_heartbeat_s: float = 5.0
 
@@ -174,7 +174,7 @@ class ServerSettings:
 # Fields that describe where a server listens, who may call it or where it announces itself, not what
 # it runs: left out of the settings hash and of the comparison between a running server and a run's
 # wanted settings.
-PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token", "registry_url", "advertise_url",
+PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token", "registry_url", "advertise_host",
                               "registry_heartbeat_s"})
 # Fields a running server takes over without a restart (POST /v1/settings): batching, queue sizes
 # and generation length. Everything else (model, device, dtype flags, compile switches) needs a new process.
