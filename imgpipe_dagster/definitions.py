@@ -4,8 +4,10 @@
 
 - ``local`` (default): the GPU servers run on this machine, managed by the ``gpu_model`` resource
   (``IMGPIPE_MODEL_PATH``, ``IMGPIPE_GPU_DEVICES``, ``IMGPIPE_GPU_BASE_PORT``, ``IMGPIPE_MAX_NEW_TOKENS``);
-- ``external``: runs only attach to the servers in ``IMGPIPE_GPU_ENDPOINTS`` (started on GPU
-  machines with ``imgpipe gpu-server start``).
+- ``external``: runs only attach to the servers in ``IMGPIPE_GPU_ENDPOINTS`` and to those registered
+  in the project database (started on GPU machines with ``imgpipe gpu-server start``).
+
+Both deployments also use the live GPU servers of the registry (``gpu_servers``, docs/GPU_TIER.md).
 
 Both: ``IMGPIPE_GPU_API`` (native or openai), ``IMGPIPE_OPENAI_API_KEY`` and ``IMGPIPE_OPENAI_MODEL``
 (the OpenAI-compatible tier, docs/GPU_TIER.md),
@@ -24,12 +26,9 @@ from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.corpus import url_corpus
 from imgpipe_dagster.assets.report import progress_report
 from imgpipe_dagster.environment import (
-    DEPLOYMENT_ENV,
-    GPU_ENDPOINTS_ENV,
     GPU_TOKEN_ENV,
     OPENAI_API_KEY_ENV,
     Environment,
-    EnvironmentValueError,
     read_environment,
 )
 from imgpipe_dagster.jobs import ANALYSIS_JOBS, INGEST_JOB, REPORT_JOB
@@ -74,8 +73,7 @@ def resources_by_deployment(env: Environment) -> dict[str, dict[str, Any]]:
 
 
 def deployment_resources(env: Environment) -> dict[str, Any]:
-    if env.deployment == "external" and not env.gpu_endpoints:
-        raise EnvironmentValueError(f"{DEPLOYMENT_ENV}=external needs {GPU_ENDPOINTS_ENV}=url1,url2,...")
+    # external without listed endpoints uses the servers registered in the project database only
     return resources_by_deployment(env)[env.deployment]
 
 
