@@ -23,16 +23,18 @@ def discover_endpoints(
     registry_url: str | None = None,
     model: str | None = None,
     window_s: float = LIVE_WINDOW_S,
+    ready_only: bool = False,
 ) -> list[str]:
     """Base URLs, without repeats: with ``managed``, the servers recorded under ``records_dir``
     (default ``$IMGPIPE_HOME/gpu-servers``) whose process lives; with ``registry_url``, the registry's
-    live servers (of ``model`` when given); then ``configured`` (servers listed by hand). A recorded
-    server that is not running is cold, not down: it is left out."""
+    live servers (of ``model`` when given; with ``ready_only``, those whose model has loaded); then
+    ``configured`` (servers listed by hand). A recorded server that is not running is cold, not down:
+    it is left out."""
     urls: list[str] = []
     if managed:
         for record in GpuServerLauncher(records_dir).live_records():
             if record.get("port"):
                 urls.append(record["url"])
     if registry_url:
-        urls.extend(live_server_urls(registry_url, window_s, model=model))
+        urls.extend(live_server_urls(registry_url, window_s, model=model, ready_only=ready_only))
     return list(dict.fromkeys(url.rstrip("/") for url in [*urls, *configured]))

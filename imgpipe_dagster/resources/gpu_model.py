@@ -42,7 +42,9 @@ class GpuModelResource(ConfigurableResource):
     server with other settings than the run's profile is reconfigured live or restarted once idle;
     the run log says which. Servers stay warm for the next run and leave after ``idle_timeout_s``.
     ``external``: only attach to ``endpoints`` (servers on other machines, started with
-    ``imgpipe gpu-server start``). definitions.py fills the fields from the environment."""
+    ``imgpipe gpu-server start``). Both modes add the live servers registered in the project database
+    that serve the run's model (``use_registry``). ``api`` chooses the protocol: the native one or the
+    OpenAI chat completions (docs/GPU_TIER.md). definitions.py fills the fields from the environment."""
 
     mode: Literal["managed", "external"] = Field(default="managed")
     endpoints: list[str] = Field(
@@ -150,13 +152,14 @@ class GpuModelResource(ConfigurableResource):
         return [openai_base_url(url) for url in urls] if self.api == "openai" else urls
 
     def _with_registered(self, urls: list[str], registry_url: str, report) -> list[str]:
-        """``urls`` plus the registry's live servers of the run's model (any model in external mode
-        without a model path), each logged once."""
+        """``urls`` plus the registry's live and ready servers of the run's model (any model in external
+        mode without a model path), each logged once."""
         model = None
         if self.mode == "managed" or self.model_path:
             model = model_name(self.resolved_model_path()[0])
         known = {url.rstrip("/") for url in urls}
-        found = discover_endpoints(managed=False, registry_url=registry_url, model=model)
+        # ready ones only: a server still loading its model would only answer 503 to the run
+        found = discover_endpoints(managed=False, registry_url=registry_url, model=model, ready_only=True)
         joined = [url for url in found if url not in known and openai_base_url(url) not in known]
         for url in joined:
             report.info(f"GPU server {url}: found in the registry (serves {model or 'any model'})")

@@ -116,7 +116,8 @@ def gpu_health(gpu_model: GpuModelResource, timeout_s: float, registry_url: str 
     servers of the registry in ``registry_url``."""
     urls = discover_endpoints(gpu_model.endpoints if gpu_model.mode == "external" else (),
                               managed=gpu_model.mode == "managed", registry_url=registry_url)  # fmt: skip
-    return probe_all(urls, timeout_s)
+    openai = gpu_model.api == "openai"  # servers without /health (vLLM…) are up when they list models
+    return probe_all(urls, timeout_s, gpu_model.api_key or gpu_model.bearer_token(), openai)
 
 
 def shard_run_request(shard: str, profile: str, decision_id: int, source: str = "throttle") -> RunRequest:

@@ -96,12 +96,14 @@ def live_servers(
     return [RegisteredServer(*row) for row in rows]
 
 
-def live_server_urls(database_url: str, window_s: float = LIVE_WINDOW_S, *, model: str | None = None) -> list[str]:
+def live_server_urls(
+    database_url: str, window_s: float = LIVE_WINDOW_S, *, model: str | None = None, ready_only: bool = False
+) -> list[str]:
     """Base URLs of the live servers (of ``model`` when given); [] when the database cannot be reached,
     so a discovery that includes the registry never fails on it."""
     try:
         with psycopg.connect(database_url, connect_timeout=5, autocommit=True) as conn:
-            servers = live_servers(conn, window_s)
+            servers = live_servers(conn, window_s, ready_only=ready_only)
     except psycopg.OperationalError as error:
         log.warning("GPU server registry not readable (%s): only listed and local servers are used",
                     str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)

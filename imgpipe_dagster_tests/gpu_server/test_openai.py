@@ -21,6 +21,7 @@ from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
 from imgpipe_dagster.gpu_server.openai_client import OpenAIClient, chat_request, openai_base_url
 from imgpipe_dagster.gpu_server.prompts import load_prompt
 from imgpipe_dagster.settings_map import medium_server_settings
+from imgpipe_dagster.throttle.health import probe_one
 from imgpipe_dagster_tests.gpu_server.conftest import jpeg
 
 TOKEN = "openai-test-key"
@@ -121,6 +122,15 @@ class CuedServer:
             def log_message(self, *args) -> None:
                 pass
 
+            def do_GET(self) -> None:
+                if self.path.endswith("/v1/models"):
+                    self._answer(200, {"object": "list", "data": [{"id": "cued", "object": "model"}]})
+                else:  # a plain-text 404, as servers without a /health route answer
+                    self.send_response(404)
+                    self.send_header("Content-Length", "9")
+                    self.end_headers()
+                    self.wfile.write(b"not found")
+
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 outer.requests.append(body)
@@ -208,3 +218,22 @@ def test_a_server_that_refuses_every_image_raises_request_rejected(cued, server:
     with pytest.raises(RequestRejected) as rejected:
         asyncio.run(scenario())
     assert rejected.value.status_code == 401
+
+
+def test_without_a_model_name_the_client_asks_the_server_which_it_serves(cued) -> None:
+    fake = cued([("ok", "plain words")])
+
+    async def scenario():
+        async with OpenAIClient(fake.url) as client:
+            return await client.analyze([jpeg("red")])
+
+    (result,) = asyncio.run(scenario())
+    assert fake.requests[0]["model"] == "cued"
+    assert result.ok and result.text == "plain words" and not result.parse_ok
+
+
+def test_the_throttle_counts_a_server_without_health_as_up_when_it_lists_models(cued) -> None:
+    fake = cued([])
+    assert not probe_one(fake.url + "/v1", 2.0).reachable
+    health = probe_one(fake.url + "/v1", 2.0, openai=True)
+    assert health.reachable and not health.down

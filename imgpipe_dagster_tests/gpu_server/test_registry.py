@@ -116,3 +116,11 @@ def test_an_unreachable_registry_leaves_discovery_with_the_listed_servers() -> N
     listed = ["http://gpu-a:8000", "http://gpu-b:8000/"]
     found = discover_endpoints(listed, managed=False, registry_url="postgresql://127.0.0.1:1/none")
     assert found == ["http://gpu-a:8000", "http://gpu-b:8000"]
+
+
+def test_the_registry_url_stays_out_of_what_the_server_reveals(tiny_model_dir) -> None:
+    secret = "postgresql://imgpipe:hunter2@db:5432/imgpipe"
+    settings = medium_server_settings(str(tiny_model_dir)).replace(registry_url=secret)
+    assert "hunter2" not in json.dumps(settings.to_dict(include_token=False))
+    # where a server announces itself is placement, not behaviour: the same hash either way
+    assert settings_hash(settings) == settings_hash(settings.replace(registry_url=None))
