@@ -92,22 +92,16 @@ class RegistryHeartbeat:
             log.warning("registry: could not remove %s (%s); it ages out of the live set", self.url, error)
 
     def _run(self) -> None:
-        conn: psycopg.Connection | None = None
         while not self._stop.is_set():
             try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(self.database_url, connect_timeout=5, autocommit=True)
-                self._beat(conn)
+                # a connection per beat: a server holds no database session between beats
+                with psycopg.connect(self.database_url, connect_timeout=5, autocommit=True) as conn:
+                    self._beat(conn)
             except psycopg.Error as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 log.warning("registry: heartbeat failed (%s); trying again", first)
-                if conn is not None:
-                    conn.close()
-                conn = None
                 self._registered = False
             self._stop.wait(self.settings.registry_heartbeat_s)
-        if conn is not None:
-            conn.close()
 
     def _beat(self, conn: psycopg.Connection) -> None:
         if self._registered and gpu_registry.beat(conn, self.url, self.pid, self.figures.status(),
