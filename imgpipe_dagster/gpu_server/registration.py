@@ -33,7 +33,7 @@ SERVER_API = "native+openai"
 def advertised_url(settings: ServerSettings) -> str:
     """The base URL others should use: ``advertise_host``, else the bound address (the machine's host
     name when it binds every interface), with the server's port."""
-    host = settings.advertise_host or (socket.getfqdn() if settings.host in WILDCARD_HOSTS else settings.host)
+    host = settings.advertise_host or (socket.gethostname() if settings.host in WILDCARD_HOSTS else settings.host)
     return f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
 
 

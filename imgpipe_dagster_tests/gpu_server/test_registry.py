@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
+from imgpipe_dagster.gpu_server.registration import advertised_url
 from imgpipe_dagster.gpu_server.settings import settings_hash
 from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.store import gpu_registry
@@ -124,3 +126,11 @@ def test_the_registry_url_stays_out_of_what_the_server_reveals(tiny_model_dir) -
     assert "hunter2" not in json.dumps(settings.to_dict(include_token=False))
     # where a server announces itself is placement, not behaviour: the same hash either way
     assert settings_hash(settings) == settings_hash(settings.replace(registry_url=None))
+
+
+def test_the_registered_url_is_one_other_machines_can_reach(tiny_model_dir) -> None:
+    settings = medium_server_settings(str(tiny_model_dir)).replace(port=8001)
+    assert advertised_url(settings.replace(host="127.0.0.1")) == "http://127.0.0.1:8001"
+    assert advertised_url(settings.replace(host="0.0.0.0")) == f"http://{socket.gethostname()}:8001"
+    assert advertised_url(settings.replace(host="0.0.0.0", advertise_host="gpu-3.internal")) == "http://gpu-3.internal:8001"
+    assert advertised_url(settings.replace(host="::1")) == "http://[::1]:8001"
