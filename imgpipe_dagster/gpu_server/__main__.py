@@ -66,6 +66,7 @@ def start_registry_heartbeat(settings: ServerSettings, state) -> RegistryHeartbe
         status=lambda: state.status,
         queue_size=lambda: state.batcher.queued if state.batcher else 0,
         processed=lambda: state.batcher.stats.processed if state.batcher else 0,
+        settings=lambda: state.settings,
     )
     heartbeat = RegistryHeartbeat(database_url, settings, figures)
     heartbeat.start()

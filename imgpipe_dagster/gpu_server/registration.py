@@ -47,10 +47,13 @@ class ServerFigures:
     """What a beat reports about the running server; the app's state fills it (read from this thread:
     plain attribute reads of numbers and strings)."""
 
-    def __init__(self, status: Callable[[], str], queue_size: Callable[[], int], processed: Callable[[], int]):
+    def __init__(self, status: Callable[[], str], queue_size: Callable[[], int], processed: Callable[[], int],
+                 settings: Callable[[], ServerSettings] | None = None):  # fmt: skip
         self.status = status
         self.queue_size = queue_size
         self.processed = processed
+        # the settings in force (POST /v1/settings changes them live); None: those the server started with
+        self.settings = settings
 
 
 class RegistryHeartbeat:
@@ -63,10 +66,14 @@ class RegistryHeartbeat:
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-heartbeat", daemon=True)
-        self._registered = False
+        # settings_hash of the row as last written: a live settings change writes the row again
+        self._registered_hash: str | None = None
+
+    def current_settings(self) -> ServerSettings:
+        return self.figures.settings() if self.figures.settings is not None else self.settings
 
     def record(self) -> RegisteredServer:
-        settings = self.settings
+        settings = self.current_settings()
         return RegisteredServer(
             url=self.url, api=SERVER_API, model=model_name(settings.model.model_path),
             model_path=settings.model.model_path, settings_hash=settings_hash(settings),
@@ -100,14 +107,16 @@ class RegistryHeartbeat:
             except psycopg.Error as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 log.warning("registry: heartbeat failed (%s); trying again", first)
-                self._registered = False
+                self._registered_hash = None
             self._stop.wait(self.settings.registry_heartbeat_s)
 
     def _beat(self, conn: psycopg.Connection) -> None:
-        if self._registered and gpu_registry.beat(conn, self.url, self.pid, self.figures.status(),
-                                                  self.figures.queue_size(), self.figures.processed()):  # fmt: skip
+        current = settings_hash(self.current_settings())
+        if self._registered_hash == current and gpu_registry.beat(
+            conn, self.url, self.pid, self.figures.status(), self.figures.queue_size(), self.figures.processed()
+        ):
             return
         gpu_registry.register(conn, self.record())
-        if not self._registered:
+        if self._registered_hash is None:
             log.info("registry: registered as %s (beat every %.0f s)", self.url, self.settings.registry_heartbeat_s)
-        self._registered = True
+        self._registered_hash = current

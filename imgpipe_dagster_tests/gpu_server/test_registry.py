@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -71,6 +72,12 @@ def test_a_server_registers_with_its_facts_and_beats(registered, conn, tiny_mode
     assert first.last_seen >= first.started_at
     later = wait_for("a newer beat", lambda: (r := row_of(conn, endpoint.url)) and r.last_seen > first.last_seen and r)
     assert later.started_at == first.started_at
+
+    # a live settings change reaches the row with the next beat
+    changed = settings.replace_model(max_new_tokens=3)
+    response = httpx.post(f"{endpoint.url}/v1/settings", content=changed.to_json(include_token=False), timeout=30)
+    assert response.status_code == 200, response.text
+    wait_for("the new settings hash", lambda: (r := row_of(conn, endpoint.url)) and r.settings_hash == settings_hash(changed))
 
 
 def test_imgpipe_status_shows_a_registered_server(registered, database_url, imgpipe_home) -> None:
