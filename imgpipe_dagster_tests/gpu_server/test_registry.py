@@ -21,6 +21,8 @@ from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
 from imgpipe_dagster.gpu_server.registration import advertised_url
 from imgpipe_dagster.gpu_server.settings import settings_hash
+from imgpipe_dagster.resources import GpuModelResource
+from imgpipe_dagster.sensors.throttle import gpu_health
 from imgpipe_dagster.settings_map import medium_server_settings
 from imgpipe_dagster.store import gpu_registry
 
@@ -80,8 +82,12 @@ def test_a_server_registers_with_its_facts_and_beats(registered, conn, tiny_mode
     wait_for("the new settings hash", lambda: (r := row_of(conn, endpoint.url)) and r.settings_hash == settings_hash(changed))
 
 
-def test_imgpipe_status_shows_a_registered_server(registered, database_url, imgpipe_home) -> None:
+def test_imgpipe_status_and_the_throttle_show_a_registered_server(registered, database_url, imgpipe_home) -> None:
     endpoint, _ = registered
+    wait_for("the row", lambda: endpoint.url in discover_endpoints(managed=False, registry_url=database_url))
+    probed = gpu_health(GpuModelResource(mode="external", endpoints=[]), 5.0, database_url)
+    assert [(gpu.url, gpu.reachable) for gpu in probed] == [(endpoint.url, True)]
+
     env = {**os.environ, "IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_HOME": str(imgpipe_home)}
     env.pop("IMGPIPE_GPU_ENDPOINTS", None)
     result = subprocess.run([*IMGPIPE, "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
