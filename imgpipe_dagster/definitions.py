@@ -4,10 +4,14 @@
 
 - ``local`` (default): the GPU servers run on this machine, managed by the ``gpu_model`` resource
   (``IMGPIPE_MODEL_PATH``, ``IMGPIPE_GPU_DEVICES``, ``IMGPIPE_GPU_BASE_PORT``, ``IMGPIPE_MAX_NEW_TOKENS``);
-- ``external``: runs only attach to the servers in ``IMGPIPE_GPU_ENDPOINTS`` (started on GPU
-  machines with ``imgpipe gpu-server start``).
+- ``external``: runs only attach to the servers in ``IMGPIPE_GPU_ENDPOINTS`` and to those registered
+  in the project database (started on GPU machines with ``imgpipe gpu-server start``).
 
-Both: ``IMGPIPE_GPU_TOKEN`` (handed over as an ``EnvVar``, so the UI shows its name, never its value),
+Both deployments also use the live GPU servers of the registry (``gpu_servers``, docs/GPU_TIER.md).
+
+Both: ``IMGPIPE_GPU_API`` (native or openai), ``IMGPIPE_OPENAI_API_KEY`` and ``IMGPIPE_OPENAI_MODEL``
+(the OpenAI-compatible tier, docs/GPU_TIER.md),
+``IMGPIPE_GPU_TOKEN`` (handed over as an ``EnvVar``, so the UI shows its name, never its value),
 ``IMGPIPE_ALLOWED_NETWORKS``, ``IMGPIPE_CONTACT_URL`` and ``IMGPIPE_IGNORE_ROBOTS_TXT`` for the fetcher, and the project database (``IMGPIPE_DATABASE_URL`` or the
 embedded server). Run config may still override any resource field per run.
 """
@@ -23,11 +27,9 @@ from imgpipe_dagster.assets.corpus import url_corpus
 from imgpipe_dagster.assets.export import analysis_export
 from imgpipe_dagster.assets.report import progress_report
 from imgpipe_dagster.environment import (
-    DEPLOYMENT_ENV,
-    GPU_ENDPOINTS_ENV,
     GPU_TOKEN_ENV,
+    OPENAI_API_KEY_ENV,
     Environment,
-    EnvironmentValueError,
     read_environment,
 )
 from imgpipe_dagster.executor import shard_run_executor
@@ -42,6 +44,9 @@ from imgpipe_dagster.sensors import SENSORS
 def resources_by_deployment(env: Environment) -> dict[str, dict[str, Any]]:
     """Each deployment's resources, filled from the environment."""
     token = EnvVar(GPU_TOKEN_ENV) if env.gpu_token else None
+    # how runs talk to the GPU tier (native or OpenAI chat completions); the key travels as an EnvVar
+    tier = {"api": env.gpu_api, "api_key": EnvVar(OPENAI_API_KEY_ENV) if env.openai_api_key else None,
+            "openai_model": env.openai_model}  # fmt: skip
     shared = {
         "postgres": PostgresResource(),
         "fetcher": FetcherResource(
@@ -60,18 +65,18 @@ def resources_by_deployment(env: Environment) -> dict[str, dict[str, Any]]:
                 base_port=DEFAULT_BASE_PORT if env.gpu_base_port is None else env.gpu_base_port,
                 max_new_tokens=env.max_new_tokens,
                 token=token,
+                **tier,
             ),
         },
         "external": {
             **shared,
-            "gpu_model": GpuModelResource(mode="external", endpoints=list(env.gpu_endpoints), token=token),
+            "gpu_model": GpuModelResource(mode="external", endpoints=list(env.gpu_endpoints), token=token, **tier),
         },
     }
 
 
 def deployment_resources(env: Environment) -> dict[str, Any]:
-    if env.deployment == "external" and not env.gpu_endpoints:
-        raise EnvironmentValueError(f"{DEPLOYMENT_ENV}=external needs {GPU_ENDPOINTS_ENV}=url1,url2,...")
+    # external without listed endpoints uses the servers registered in the project database only
     return resources_by_deployment(env)[env.deployment]
 
 

@@ -42,9 +42,14 @@ IMAGE_STORE_ENV = "IMGPIPE_IMAGE_STORE"
 # IMGPIPE_IMAGE_STORE values that mean "on, in the default place" (paths.image_store_dir)
 IMAGE_STORE_DEFAULT_VALUES = ("1", "true", "yes", "on")
 IMAGE_STORE_DEFAULT = "default"
+GPU_API_ENV = "IMGPIPE_GPU_API"
+OPENAI_API_KEY_ENV = "IMGPIPE_OPENAI_API_KEY"
+OPENAI_MODEL_ENV = "IMGPIPE_OPENAI_MODEL"
 
 Deployment = Literal["local", "external"]
 DEPLOYMENTS: tuple[Deployment, ...] = ("local", "external")
+GpuApi = Literal["native", "openai"]
+GPU_APIS: tuple[GpuApi, ...] = ("native", "openai")
 
 
 class EnvironmentValueError(ValueError):
@@ -102,6 +107,12 @@ class Environment:
     # IMGPIPE_IMAGE_STORE: where runs keep the images they sent to the model (IMAGE_STORE_DEFAULT: under
     # IMGPIPE_HOME, see paths.image_store_dir); None: off
     image_store: str | None = None
+    # IMGPIPE_GPU_API: how runs talk to the GPU tier: "native" (/v1/analyze) or "openai" (chat completions)
+    gpu_api: GpuApi = "native"
+    # IMGPIPE_OPENAI_API_KEY: bearer key of OpenAI-compatible servers (handed to Dagster as an EnvVar)
+    openai_api_key: str | None = None
+    # IMGPIPE_OPENAI_MODEL: the served model name to request; None: the first of each server's /v1/models
+    openai_model: str | None = None
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:
@@ -135,6 +146,9 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     deployment = (_text(environ, DEPLOYMENT_ENV) or "local").lower()
     if deployment not in DEPLOYMENTS:
         raise EnvironmentValueError(f"{DEPLOYMENT_ENV} must be one of {', '.join(DEPLOYMENTS)}, got {deployment!r}")
+    gpu_api = (_text(environ, GPU_API_ENV) or "native").lower()
+    if gpu_api not in GPU_APIS:
+        raise EnvironmentValueError(f"{GPU_API_ENV} must be one of {', '.join(GPU_APIS)}, got {gpu_api!r}")
     return Environment(
         home=_text(environ, HOME_ENV),
         deployment=deployment,  # type: ignore[arg-type]
@@ -160,6 +174,9 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         k8s_run_pod=_text(environ, K8S_RUN_POD_ENV),
         prompt=_text(environ, PROMPT_ENV),
         image_store=_image_store(environ),
+        gpu_api=gpu_api,  # type: ignore[arg-type]
+        openai_api_key=_text(environ, OPENAI_API_KEY_ENV),
+        openai_model=_text(environ, OPENAI_MODEL_ENV),
     )
 
 

@@ -72,12 +72,13 @@ class Status:
 # ----------------------------------------------------------------- collecting
 
 
-def known_gpu_servers(extra: list[str] | None = None) -> list[str]:
-    """Servers the launcher recorded under $IMGPIPE_HOME/gpu-servers, then $IMGPIPE_GPU_ENDPOINTS and ``extra``."""
+def known_gpu_servers(extra: list[str] | None = None, registry_url: str | None = None) -> list[str]:
+    """Servers the launcher recorded under $IMGPIPE_HOME/gpu-servers, the live servers of the registry in
+    ``registry_url``, then $IMGPIPE_GPU_ENDPOINTS and ``extra``."""
     from imgpipe_dagster.environment import read_environment
     from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 
-    return discover_endpoints([*read_environment().gpu_endpoints, *(extra or [])])
+    return discover_endpoints([*read_environment().gpu_endpoints, *(extra or [])], registry_url=registry_url)
 
 
 DEAD_LOG_LINES = 5
@@ -167,15 +168,21 @@ def _last_ten_minutes(p: Progress, now: datetime) -> list[dict[str, Any]]:
     return [{"minute": m, "ok": seen.get(m, (0, 0))[0], "failed": seen.get(m, (0, 0))[1]} for m in minutes]
 
 
-def collect(conn: psycopg.Connection, gpu_urls: list[str] | None = None, include_dead: bool = False) -> Status:
-    """Everything the screen shows; ``gpu_urls`` None means the servers ``known_gpu_servers`` finds and
-    the dead managed ones (``include_dead`` adds those to a given list too)."""
+def collect(
+    conn: psycopg.Connection,
+    gpu_urls: list[str] | None = None,
+    include_dead: bool = False,
+    registry_url: str | None = None,
+) -> Status:
+    """Everything the screen shows; ``gpu_urls`` None means the servers ``known_gpu_servers`` finds (with
+    the registry of ``registry_url``, the project database) and the dead managed ones (``include_dead``
+    adds those to a given list too)."""
     conn.execute("SET TIME ZONE 'UTC'")  # the per-minute view's labels match the minutes built here
     p = progress(conn)
     now = conn.execute("SELECT now()").fetchone()[0].astimezone(UTC)
     decision = last_decision(conn)
     urls = dict(p.urls_by_state) | {"total": p.urls_total, "unfinished": p.urls_unfinished}
-    urls_servers = known_gpu_servers() if gpu_urls is None else [u.rstrip("/") for u in gpu_urls]
+    urls_servers = known_gpu_servers(registry_url=registry_url) if gpu_urls is None else [u.rstrip("/") for u in gpu_urls]
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(urls_servers)))) as pool:
         servers = list(pool.map(probe_gpu_server, urls_servers))
     if gpu_urls is None or include_dead:

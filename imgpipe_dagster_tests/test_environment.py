@@ -44,7 +44,7 @@ def test_the_local_deployment_manages_servers_with_the_environment_values():
     assert resources["fetcher"].allowed_networks == ["10.0.0.0/8"]
 
 
-def test_the_external_deployment_attaches_to_the_endpoints_and_needs_some(monkeypatch):
+def test_the_external_deployment_attaches_to_the_listed_and_the_registered_servers(monkeypatch):
     monkeypatch.setenv("IMGPIPE_GPU_TOKEN", "secret-token")
     environ = {"IMGPIPE_DEPLOYMENT": "external", "IMGPIPE_GPU_ENDPOINTS": "http://gpu-1:8000",
                "IMGPIPE_GPU_TOKEN": "secret-token"}  # fmt: skip
@@ -52,8 +52,18 @@ def test_the_external_deployment_attaches_to_the_endpoints_and_needs_some(monkey
     assert (gpu_model.mode, gpu_model.endpoints) == ("external", ["http://gpu-1:8000"])
     # The token is handed over by name (dagster.EnvVar): the resource's config never holds the value.
     assert isinstance(gpu_model.token, EnvVar) and gpu_model.token == "IMGPIPE_GPU_TOKEN"
-    with pytest.raises(EnvironmentValueError, match="IMGPIPE_GPU_ENDPOINTS"):
-        deployment_resources(read_environment({"IMGPIPE_DEPLOYMENT": "external"}))
+    registry_only = deployment_resources(read_environment({"IMGPIPE_DEPLOYMENT": "external"}))["gpu_model"]
+    assert registry_only.endpoints == [] and registry_only.use_registry
+
+
+def test_the_openai_tier_is_chosen_by_the_environment_and_its_key_handed_over_by_name(monkeypatch):
+    monkeypatch.setenv("IMGPIPE_OPENAI_API_KEY", "sk-local")
+    environ = {"IMGPIPE_GPU_API": "openai", "IMGPIPE_OPENAI_API_KEY": "sk-local", "IMGPIPE_OPENAI_MODEL": "qwen"}
+    gpu_model = deployment_resources(read_environment(environ))["gpu_model"]
+    assert (gpu_model.api, gpu_model.openai_model) == ("openai", "qwen")
+    assert isinstance(gpu_model.api_key, EnvVar) and gpu_model.api_key == "IMGPIPE_OPENAI_API_KEY"
+    with pytest.raises(EnvironmentValueError, match="IMGPIPE_GPU_API"):
+        read_environment({"IMGPIPE_GPU_API": "grpc"})
 
 
 def test_the_operator_sets_the_contact_url_and_may_switch_robots_txt_off():

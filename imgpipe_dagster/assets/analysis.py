@@ -58,6 +58,18 @@ def summary_metadata(summary: RunSummary) -> dict:
         "next_retry_at": (summary.waiting_for_retry or {}).get("next_due_at") or "",
         "last_retry_at": (summary.waiting_for_retry or {}).get("last_due_at") or "",
         "downloads": MetadataValue.json(summary.downloads or {}),
+        # per GPU endpoint: the adaptive limiter's and the circuit breaker's figures, whatever the tier's API
+        "gpu_tier": MetadataValue.json(gpu_tier_figures(summary.router)),
+    }
+
+
+def gpu_tier_figures(router: dict | None) -> dict:
+    """The router's snapshot reduced to each endpoint's limiter and breaker figures."""
+    router = router or {}
+    return {
+        "counters": router.get("counters", {}),
+        "endpoints": {e["name"]: {"url": e["url"], "limiter": e["limiter"], "breaker": e["breaker"]}
+                      for e in router.get("endpoints", [])},  # fmt: skip
     }
 
 
@@ -120,6 +132,7 @@ def image_analysis(
         "near_duplicates": MetadataValue.json({shard: d.near_duplicates for shard, d in duplicates.items()}),
         "images_from_store": runner.image_store.read if runner.image_store else 0,
         "images_stored": runner.image_store.written if runner.image_store else 0,
+        "gpu_api": gpu_model.api,
     } | summary_metadata(summary)
     check_results = [checks.every_url_final(report), checks.analyses_parse(parsing, tiny), checks.failure_ratio(summary)]
     if not report.ok:
@@ -142,9 +155,9 @@ def _analyse(
     if tiny:
         context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")
     store_dir = image_store_dir()
-    endpoints = gpu_model.ensure_endpoints(gpu)
+    endpoints = gpu_model.ensure_endpoints(gpu, registry_url=postgres.url())
     context.log.info(f"profile {profile}: {len(shards)} shard(s) {shards[0]}..{shards[-1]}, "
-                     f"GPU servers {', '.join(endpoints)}")  # fmt: skip
+                     f"GPU servers ({gpu_model.api} API) {', '.join(endpoints)}")  # fmt: skip
 
     def progress(line: str, summary: RunSummary) -> None:
         context.log.info(line)
@@ -155,6 +168,7 @@ def _analyse(
         postgres.url(), context.run_id, shards, engine_settings(worker, fetcher.settings(worker), prompt_name),
         endpoints, gpu_token=gpu_model.bearer_token(), progress=progress, analysis_version=version,
         image_store=str(store_dir) if store_dir else None, reuse_duplicates=reuse_duplicates,
+        client_factory=gpu_model.client_factory(gpu, worker.images_per_request, tiny),
     )  # fmt: skip
     # a managed server that dies is restarted; the router's waiting/resumed lines reach the run log
     with gpu_model.keep_alive(), forwarded_to_run_log(context.log):

@@ -37,10 +37,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     url = db.resolve_database_url()
     gpu_urls = None
     if args.gpu:
-        gpu_urls = known_gpu_servers(args.gpu)
+        gpu_urls = known_gpu_servers(args.gpu, registry_url=url)
     while True:
         with db.connect(url) as conn:
-            status = collect(conn, gpu_urls, include_dead=True)
+            status = collect(conn, gpu_urls, include_dead=True, registry_url=url)
         if args.json:
             print(json.dumps(status.as_dict(), default=str), flush=True)
         else:

@@ -111,7 +111,10 @@ class ShardRunner:
         analysis_version: str = versions.UNVERSIONED,
         image_store: str | None = None,
         reuse_duplicates: bool = True,
+        client_factory: Callable[[str, float, int], GpuClient] | None = None,
     ) -> None:
+        """``client_factory(base URL, request timeout s, connections)`` makes the GPU tier's client
+        (the native GpuClient by default; gpu_server/openai_client.py for an OpenAI-compatible tier)."""
         if not shard_ids:
             raise ValueError("a shard run needs at least one shard")
         run, fetch = settings.run, settings.fetch
@@ -134,6 +137,10 @@ class ShardRunner:
         self._routing_slots = asyncio.Semaphore(256)
         self._leaders: dict[bytes, str] = {}  # url_hash -> sha256 of images sent for their duplicates
         self.rebound: dict[str, str] = {}  # shards this run moved from another analysis version: {shard: previous}
+        self.client_factory = client_factory or (
+            lambda url, timeout_s, connections: GpuClient(url, token=gpu_token, timeout_s=timeout_s,
+                                                          max_connections=connections)
+        )  # fmt: skip
         self.stats = RunStats()
         self.downloads = DownloadFigures()
         self.fetch_retry = RetryPolicy(settings.fetch_retry)
@@ -242,10 +249,9 @@ class ShardRunner:
         run = self.settings.run
         self.router = Router(self.endpoints, self.settings.limiter, self.settings.breaker, names=self.gpu_names)
         self.clients = {
-            url: GpuClient(url, token=self.gpu_token, timeout_s=run.request_timeout,
-                           max_connections=max(run.max_concurrent_batches, 4))
+            url: self.client_factory(url, run.request_timeout, max(run.max_concurrent_batches, 4))
             for url in self.endpoints
-        }  # fmt: skip
+        }
         try:
             async with ImageFetcher(self.settings.fetch) as fetcher:
                 self.fetcher = fetcher

@@ -3,7 +3,9 @@
 The settings file is one ServerSettings JSON document (``ServerSettings.to_json``), validated on
 load; the launcher writes it 0600 because it may carry the bearer token, which must never appear on
 a command line. With ``port`` 0 the server binds any free port; ``--port-file`` receives the port it
-got (written before the model loads), so callers never need to guess a free port.
+got (written before the model loads), so callers never need to guess a free port. With a project
+database (the settings' ``registry_url``, else ``IMGPIPE_DATABASE_URL``) the server registers there and
+beats while it runs (registration.py); a clean exit, SIGTERM included, removes its row.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
+from imgpipe_dagster.gpu_server.registration import RegistryHeartbeat, ServerFigures
 from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError
 
 # A fixed port may still be held for a moment by the server this one replaces: the leader of a killed
@@ -45,6 +49,28 @@ def write_port_file(path: Path, port: int) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(str(port))
     temporary.replace(path)  # readers never see a partial number
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def start_registry_heartbeat(settings: ServerSettings, state) -> RegistryHeartbeat | None:
+    """Announce the server in the project database (settings' registry_url, else IMGPIPE_DATABASE_URL)."""
+    from imgpipe_dagster.environment import read_environment
+
+    database_url = settings.registry_url or read_environment().database_url
+    if not database_url:
+        return None
+    figures = ServerFigures(
+        status=lambda: state.status,
+        queue_size=lambda: state.batcher.queued if state.batcher else 0,
+        processed=lambda: state.batcher.stats.processed if state.batcher else 0,
+        settings=lambda: state.settings,
+    )
+    heartbeat = RegistryHeartbeat(database_url, settings, figures)
+    heartbeat.start()
+    return heartbeat
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60
     )
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    heartbeat = start_registry_heartbeat(settings, app.state.server)
+    if heartbeat is not None:
+        # uvicorn drains on SIGTERM, then raises the signal again to end the process: with this handler
+        # that ends as an exception, so the registry row is deleted below instead of ageing out.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     state = app.state.server
     if state.status == "failed":
         return 1

@@ -1,4 +1,5 @@
-"""HTTP face of one GPU server (Starlette): /v1/analyze, /v1/settings, /health, /metrics.
+"""HTTP face of one GPU server (Starlette): /v1/analyze, /v1/settings, /health, /metrics, and the
+OpenAI-compatible /v1/chat/completions and /v1/models (openai_api.py).
 
 The app only admits, validates and reports; batching lives in batcher.py and the model in
 inference.py. The model loads in a thread after the server starts listening, so /health answers
@@ -41,6 +42,7 @@ from imgpipe_dagster.gpu_server.health import ServerHealth
 from imgpipe_dagster.gpu_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from imgpipe_dagster.gpu_server.metrics import ServerMetrics
 from imgpipe_dagster.gpu_server.nvml import GpuMonitor
+from imgpipe_dagster.gpu_server.openai_api import openai_routes
 from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError, apply_live, settings_hash
 
 log = logging.getLogger("imgpipe_dagster.gpu_server")
@@ -396,6 +398,8 @@ def create_app(
             Route("/v1/settings", update_settings, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            # OpenAI-compatible face over the same batcher (openai_api.py)
+            *openai_routes(_authorised, _read_body_capped),
         ],
         exception_handlers={404: _not_found, 405: _method_not_allowed},
         lifespan=lifespan,

@@ -507,6 +507,11 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", dest="bearer_token", default=None,
                         help="bearer token required by /v1/analyze, /v1/settings and /metrics")
     parser.add_argument("--host", default="127.0.0.1", help="address the servers bind")
+    parser.add_argument("--registry-url", default=None,
+                        help="project database the servers register in (default: $IMGPIPE_DATABASE_URL)")
+    parser.add_argument("--advertise-host", default=None,
+                        help="host name other machines reach the servers at (default: --host, or this "
+                        "machine's name when --host is 0.0.0.0)")
     parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, default=0.0,
                         help="seconds without work after which a server exits (0 = never)")
     parser.add_argument("--random-weights", action="store_true", help="random weights (benchmarks)")
@@ -550,7 +555,7 @@ def settings_from_options(options: argparse.Namespace) -> ServerSettings:
     return server_settings(
         gpu, model_settings(gpu, options.model_path, **model_extra),
         host=options.host, bearer_token=options.bearer_token, idle_timeout_s=options.idle_timeout_s, **deployment,
-    )  # fmt: skip
+    ).replace(registry_url=options.registry_url, advertise_host=options.advertise_host)  # fmt: skip
 
 
 def launcher_main(argv: Sequence[str] | None = None) -> int:

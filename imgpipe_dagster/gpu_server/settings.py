@@ -107,6 +107,15 @@ class ServerSettings:
     max_request_images: int = 256
     # new: most bytes in one request body (413 above it).
     max_request_bytes: int = 64 * 1024 * 1024
+    # new: the project database the server registers in and beats to (store/gpu_registry.py), so runs,
+    # the throttle and `imgpipe status` find it; None: IMGPIPE_DATABASE_URL, else no registration.
+    # May carry a password: left out of /health like the token.
+    registry_url: str | None = None
+    # new: host name or address other machines reach this server at (registered as http://<it>:<port>);
+    # None: the bound address, or the machine's host name when it binds a wildcard address (0.0.0.0, ::).
+    advertise_host: str | None = None
+    # new: seconds between two heartbeats in the registry.
+    registry_heartbeat_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_inference_batch_size", "max_batch_images", "max_inference_queue_size",
@@ -117,6 +126,8 @@ class ServerSettings:
             raise SettingsError("batch_wait_timeout must be >= 0")
         if self.model.max_new_tokens < 1:
             raise SettingsError("model.max_new_tokens must be >= 1")
+        if self.registry_heartbeat_s <= 0:
+            raise SettingsError(f"registry_heartbeat_s must be > 0, got {self.registry_heartbeat_s}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be in 0..65535, got {self.port}")
 
@@ -141,6 +152,7 @@ class ServerSettings:
         values = dataclasses.asdict(self)
         if not include_token:
             values.pop("bearer_token")
+            values.pop("registry_url")
         return values
 
     def to_json(self, *, include_token: bool = True) -> str:
@@ -159,9 +171,11 @@ class ServerSettings:
         return cls.from_dict(values)
 
 
-# Fields that describe where a server listens or who may call it, not what it runs: left out of the
-# settings hash and of the comparison between a running server and a run's wanted settings.
-PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token"})
+# Fields that describe where a server listens, who may call it or where it announces itself, not what
+# it runs: left out of the settings hash and of the comparison between a running server and a run's
+# wanted settings.
+PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token", "registry_url", "advertise_host",
+                              "registry_heartbeat_s"})
 # Fields a running server takes over without a restart (POST /v1/settings): batching, queue sizes
 # and generation length. Everything else (model, device, dtype flags, compile switches) needs a new process.
 LIVE_FIELDS = frozenset({

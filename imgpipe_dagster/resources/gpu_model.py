@@ -9,14 +9,20 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from imgpipe_dagster.environment import (
+    GPU_API_ENV,
     GPU_BASE_PORT_ENV,
     GPU_DEVICES_ENV,
     GPU_TOKEN_ENV,
     MAX_NEW_TOKENS_ENV,
     MODEL_PATH_ENV,
+    OPENAI_API_KEY_ENV,
 )
+from imgpipe_dagster.gpu_server.client import GpuClient
+from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
+from imgpipe_dagster.gpu_server.openai_client import OpenAIClient, openai_base_url
+from imgpipe_dagster.gpu_server.registration import model_name
 from imgpipe_dagster.gpu_server.settings import ServerSettings
 from imgpipe_dagster.gpu_server.watchdog import ServerWatchdog
 from imgpipe_dagster.paths import imgpipe_home
@@ -38,10 +44,33 @@ class GpuModelResource(ConfigurableResource):
     server with other settings than the run's profile is reconfigured live or restarted once idle;
     the run log says which. Servers stay warm for the next run and leave after ``idle_timeout_s``.
     ``external``: only attach to ``endpoints`` (servers on other machines, started with
-    ``imgpipe gpu-server start``). definitions.py fills the fields from the environment."""
+    ``imgpipe gpu-server start``). Both modes add the live servers registered in the project database
+    that serve the run's model (``use_registry``). ``api`` chooses the protocol: the native one or the
+    OpenAI chat completions (docs/GPU_TIER.md). definitions.py fills the fields from the environment."""
 
     mode: Literal["managed", "external"] = Field(default="managed")
-    endpoints: list[str] = Field(default_factory=list, description="external mode: server base URLs")
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="external mode: server base URLs (api openai: OpenAI-compatible base URLs, /v1 added "
+        "when the URL has no path)",
+    )
+    api: Literal["native", "openai"] = Field(
+        default="native",
+        description=f"how runs talk to the GPU tier (${GPU_API_ENV}): native (the project's /v1/analyze, "
+        "batched images) or openai (one chat-completions request per image: vLLM, SGLang, LMDeploy, TGI or "
+        "the project's own server)",
+    )
+    api_key: str | None = Field(
+        default=None, description=f"api openai: bearer API key (${OPENAI_API_KEY_ENV}); the token when unset"
+    )
+    openai_model: str | None = Field(
+        default=None, description="api openai: the served model name; empty: the first of each server's /v1/models"
+    )
+    use_registry: bool = Field(
+        default=True,
+        description="also use the live GPU servers registered in the project database (gpu_servers) that "
+        "serve this run's model (external mode with no model_path: every live one)",
+    )
     model_path: str | None = Field(
         default=None,
         description=f"local Qwen2-VL / Qwen2.5-VL checkpoint (${MODEL_PATH_ENV}); empty means the tiny random "
@@ -87,7 +116,7 @@ class GpuModelResource(ConfigurableResource):
             return self.model_path, is_tiny_model(self.model_path)
         return str(ensure_tiny_model()), True
 
-    def server_settings(self, profile: GpuServerProfile) -> ServerSettings:
+    def server_settings(self, profile: GpuServerProfile, registry_url: str | None = None) -> ServerSettings:
         """What the managed servers run for this profile (settings_map, with this deployment's fields)."""
         model_path, tiny = self.resolved_model_path()
         max_new_tokens = self.max_new_tokens or (min(profile.max_new_tokens, TINY_MODEL_MAX_NEW_TOKENS) if tiny else None)
@@ -95,34 +124,68 @@ class GpuModelResource(ConfigurableResource):
             profile = profile.model_copy(update={"max_new_tokens": max_new_tokens})
         model = model_settings(profile, model_path, compile_vision=self.compile_model,
                                compile_language=self.compile_model)  # fmt: skip
-        return server_settings(profile, model, port=self.base_port, bearer_token=self.bearer_token(),
-                               idle_timeout_s=self.idle_timeout_s)  # fmt: skip
+        server = server_settings(profile, model, port=self.base_port, bearer_token=self.bearer_token(),
+                                 idle_timeout_s=self.idle_timeout_s)  # fmt: skip
+        # managed servers announce themselves where the run's database is (a placement field: not hashed)
+        return server.replace(registry_url=registry_url) if registry_url else server
 
-    def launcher(self, profile: GpuServerProfile) -> GpuServerLauncher:
-        return GpuServerLauncher(None, self.server_settings(profile), startup_timeout_s=self.startup_timeout_s,
-                                 restart_wait_s=self.restart_wait_s)  # fmt: skip
+    def launcher(self, profile: GpuServerProfile, registry_url: str | None = None) -> GpuServerLauncher:
+        return GpuServerLauncher(None, self.server_settings(profile, registry_url),
+                                 startup_timeout_s=self.startup_timeout_s, restart_wait_s=self.restart_wait_s)  # fmt: skip
 
-    def ensure_endpoints(self, profile: GpuServerProfile) -> list[str]:
-        """Base URLs of the servers this run uses (starting managed ones that are missing, and bringing
-        running ones to this profile's settings)."""
+    def ensure_endpoints(self, profile: GpuServerProfile, registry_url: str | None = None) -> list[str]:
+        """Base URLs of the servers this run uses: managed ones (started when missing, brought to this
+        profile's settings) or the listed ones, then the live servers of the registry in ``registry_url``
+        that serve the run's model. With api openai, the OpenAI base URLs of those servers."""
         report = self._log or log
         if self.mode == "external":
-            if not self.endpoints:
-                raise ValueError("gpu_model mode 'external' needs at least one endpoint URL")
-            for url in self.endpoints:
-                try:
-                    health = fetch_health(url, 5.0)
-                    report.info(f"GPU server {url}: {health.status}, queue {health.queue_size}, "
-                                f"settings {health.settings_hash or 'not reported'} (external: not changed by runs)")  # fmt: skip
-                except HealthUnavailable as exc:
-                    report.warning(f"GPU server {url} is not answering ({exc}); the run waits for it")
-            return list(self.endpoints)
-        launcher = self.launcher(profile)
-        endpoints = launcher.ensure(self.devices, base_port=self.base_port)
-        self._managed = (launcher, endpoints)
-        for endpoint in endpoints:
-            report.info(endpoint.describe())
-        return [e.url for e in endpoints]
+            urls = list(self.endpoints)
+            if self.api == "native":
+                for url in urls:
+                    _report_health(report, url)
+        else:
+            launcher = self.launcher(profile, registry_url)
+            endpoints = launcher.ensure(self.devices, base_port=self.base_port)
+            self._managed = (launcher, endpoints)
+            for endpoint in endpoints:
+                report.info(endpoint.describe())
+            urls = [e.url for e in endpoints]
+        if registry_url and self.use_registry:
+            urls = self._with_registered(urls, registry_url, report)
+        if not urls:
+            raise ValueError(f"gpu_model mode {self.mode!r} found no GPU server: list endpoint URLs or start "
+                             "servers that register in the project database (imgpipe gpu-server start)")  # fmt: skip
+        return [openai_base_url(url) for url in urls] if self.api == "openai" else urls
+
+    def _with_registered(self, urls: list[str], registry_url: str, report) -> list[str]:
+        """``urls`` plus the registry's live and ready servers of the run's model (any model in external
+        mode without a model path), each logged once."""
+        model = None
+        if self.mode == "managed" or self.model_path:
+            model = model_name(self.resolved_model_path()[0])
+        known = {url.rstrip("/") for url in urls}
+        # ready ones only: a server still loading its model would only answer 503 to the run
+        found = discover_endpoints(managed=False, registry_url=registry_url, model=model, ready_only=True)
+        joined = [url for url in found if url not in known and openai_base_url(url) not in known]
+        for url in joined:
+            report.info(f"GPU server {url}: found in the registry (serves {model or 'any model'})")
+        return [*urls, *joined]
+
+    def client_factory(self, profile: GpuServerProfile, images_per_request: int = 1, tiny: bool = False):
+        """A function (base URL, request timeout s, connections) -> the client of this tier's protocol.
+        An OpenAI request carries one image, so its pool holds ``images_per_request`` connections per
+        request slot."""
+        if self.api == "native":
+            token = self.bearer_token()
+            return lambda url, timeout_s, connections: GpuClient(url, token=token, timeout_s=timeout_s,
+                                                                 max_connections=connections)  # fmt: skip
+        key = self.api_key or self.bearer_token()
+        max_tokens = self.max_new_tokens or (min(profile.max_new_tokens, TINY_MODEL_MAX_NEW_TOKENS) if tiny
+                                             else profile.max_new_tokens)  # fmt: skip
+        return lambda url, timeout_s, connections: OpenAIClient(
+            url, api_key=key, model=self.openai_model, max_tokens=max_tokens, timeout_s=timeout_s,
+            max_connections=connections * images_per_request,
+        )
 
     def keep_alive(self) -> contextlib.AbstractContextManager:
         """While the block runs, a managed server of this run that dies is restarted with the same
@@ -132,6 +195,15 @@ class GpuModelResource(ConfigurableResource):
         launcher, endpoints = self._managed
         report = self._log or log
         return ServerWatchdog(launcher, endpoints, report.warning)
+
+
+def _report_health(report, url: str) -> None:
+    try:
+        health = fetch_health(url, 5.0)
+        report.info(f"GPU server {url}: {health.status}, queue {health.queue_size}, "
+                    f"settings {health.settings_hash or 'not reported'} (external: not changed by runs)")  # fmt: skip
+    except HealthUnavailable as exc:
+        report.warning(f"GPU server {url} is not answering ({exc}); the run waits for it")
 
 
 def ensure_tiny_model() -> Path:

@@ -112,12 +112,14 @@ def shards_of_run(conn: psycopg.Connection, tags: dict) -> list[str]:
     return []
 
 
-def gpu_health(gpu_model: GpuModelResource, timeout_s: float) -> tuple[GpuHealth, ...]:
+def gpu_health(gpu_model: GpuModelResource, timeout_s: float, registry_url: str | None = None) -> tuple[GpuHealth, ...]:
     """/health of the servers the runs would use. External: every configured endpoint. Managed: the
-    recorded servers whose process lives (one that is not running is cold, not down)."""
+    recorded servers whose process lives (one that is not running is cold, not down). Both: the live
+    servers of the registry in ``registry_url``."""
     urls = discover_endpoints(gpu_model.endpoints if gpu_model.mode == "external" else (),
-                              managed=gpu_model.mode == "managed")  # fmt: skip
-    return probe_all(urls, timeout_s)
+                              managed=gpu_model.mode == "managed", registry_url=registry_url)  # fmt: skip
+    openai = gpu_model.api == "openai"  # servers without /health (vLLM…) are up when they list models
+    return probe_all(urls, timeout_s, gpu_model.api_key or gpu_model.bearer_token(), openai)
 
 
 def shard_run_request(
@@ -141,7 +143,7 @@ def throttle_tick(
     started = time.perf_counter()
     state = ThrottleState.from_cursor(context.cursor, settings)
     runs = analysis_runs_in_flight(context.instance)
-    gpus = gpu_health(gpu_model, settings.health_timeout_s)
+    gpus = gpu_health(gpu_model, settings.health_timeout_s, postgres.url())
     with postgres.connect() as conn:
         decision_id = queries.next_decision_id(conn)
         in_flight: list[str] = []
