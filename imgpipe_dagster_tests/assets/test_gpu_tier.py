@@ -47,8 +47,12 @@ def seed_shards(conn, dagster_instance, image_server, *shards: str) -> list[list
 
 
 def analyse(dagster_instance, database_url, gpu_model, shard: str):
+    config = run_config()
+    # both shards serve the same photos: without this the second run would reuse the first's analyses
+    # (engine/dedupe.py) and send nothing to the tier under test
+    config["ops"]["image_analysis"]["config"]["reuse_duplicates"] = False
     result = materialize([image_analysis], instance=dagster_instance, resources=resources(database_url, gpu_model),
-                         run_config=run_config(), partition_key=shard)  # fmt: skip
+                         run_config=config, partition_key=shard)  # fmt: skip
     assert result.success
     (event,) = result.get_asset_materialization_events()
     return event.materialization.metadata
