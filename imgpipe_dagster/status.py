@@ -79,8 +79,10 @@ def known_gpu_servers(extra: list[str] | None = None) -> list[str]:
 
 
 def probe_gpu_server(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> GpuServerStatus:
+    from imgpipe_dagster.environment import read_environment
+
     try:
-        health = fetch_health(url, timeout_s)
+        health = fetch_health(url, timeout_s, token=read_environment().gpu_token)
     except HealthUnavailable as exc:
         return GpuServerStatus(url=url, reachable=False, error=str(exc)[:120])
     server = GpuServerStatus(

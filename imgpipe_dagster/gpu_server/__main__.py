@@ -57,11 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, SettingsError) as error:
         print(f"gpu_server: cannot load {options.settings_file}: {error}", file=sys.stderr)
         return 2
+    problem = settings.exposure_problem()
+    if problem:
+        print(f"gpu_server: {problem}", file=sys.stderr)
+        return 2
     if settings.model.enable_memory_defrag and settings.model.device.startswith("cuda"):
         # Must be set before CUDA initialises; expandable segments curb fragmentation from varying batches.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-    sock = bind_socket(settings.host, settings.port)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as error:
+        # one line the launcher can pass on, not a traceback in the log tail
+        print(f"gpu_server: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     settings = settings.replace(port=sock.getsockname()[1])
     if options.port_file is not None:
         write_port_file(options.port_file, settings.port)
@@ -74,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from imgpipe_dagster.gpu_server.app import create_app
+    from imgpipe_dagster.gpu_server.guard import (
+        ConnectionLimits,
+        GuardCounters,
+        connection_cap,
+        guarded_protocol,
+    )
 
     server: uvicorn.Server | None = None
 
@@ -82,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_exit=request_exit)
+    limits = ConnectionLimits(settings.header_timeout_s, settings.body_timeout_s,
+                              connection_cap(settings.max_connections))  # fmt: skip
     config = uvicorn.Config(
-        app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60
+        app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60,
+        http=guarded_protocol(limits, GuardCounters()),
+        # the accept queue is bounded too: beyond it the kernel refuses, nothing reaches the process
+        backlog=min(2048, limits.max_connections),
     )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])

@@ -107,7 +107,7 @@ class GpuModelResource(ConfigurableResource):
                 raise ValueError("gpu_model mode 'external' needs at least one endpoint URL")
             for url in self.endpoints:
                 try:
-                    health = fetch_health(url, 5.0)
+                    health = fetch_health(url, 5.0, token=self.bearer_token())
                     report.info(f"GPU server {url}: {health.status}, queue {health.queue_size}, "
                                 f"settings {health.settings_hash or 'not reported'} (external: not changed by runs)")  # fmt: skip
                 except HealthUnavailable as exc:

@@ -115,7 +115,7 @@ def gpu_health(gpu_model: GpuModelResource, timeout_s: float) -> tuple[GpuHealth
     recorded servers whose process lives (one that is not running is cold, not down)."""
     urls = discover_endpoints(gpu_model.endpoints if gpu_model.mode == "external" else (),
                               managed=gpu_model.mode == "managed")  # fmt: skip
-    return probe_all(urls, timeout_s)
+    return probe_all(urls, timeout_s, token=gpu_model.bearer_token())
 
 
 def shard_run_request(shard: str, profile: str, decision_id: int, source: str = "throttle") -> RunRequest:

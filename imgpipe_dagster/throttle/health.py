@@ -10,10 +10,10 @@ from imgpipe_dagster.gpu_server.health import HealthUnavailable, ServerHealth, f
 from imgpipe_dagster.throttle.decide import GpuHealth
 
 
-def probe_one(url: str, timeout_s: float) -> GpuHealth:
+def probe_one(url: str, timeout_s: float, token: str | None = None) -> GpuHealth:
     base = url.rstrip("/")
     try:
-        health = fetch_health(base, timeout_s, connect_timeout_s=0.5)
+        health = fetch_health(base, timeout_s, connect_timeout_s=0.5, token=token)
     except HealthUnavailable as error:
         return GpuHealth(url=base, reachable=False, error=str(error))
     return gpu_health_of(base, health)
@@ -32,8 +32,9 @@ def gpu_health_of(url: str, health: ServerHealth) -> GpuHealth:
     )
 
 
-def probe_all(urls: Sequence[str], timeout_s: float = 1.0) -> tuple[GpuHealth, ...]:
+def probe_all(urls: Sequence[str], timeout_s: float = 1.0, token: str | None = None) -> tuple[GpuHealth, ...]:
+    """``token``: the servers' bearer token; without it a guarded server shows no queue capacity or memory."""
     if not urls:
         return ()
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        return tuple(pool.map(lambda url: probe_one(url, timeout_s), urls))
+        return tuple(pool.map(lambda url: probe_one(url, timeout_s, token), urls))

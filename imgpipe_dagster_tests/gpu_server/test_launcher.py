@@ -50,7 +50,7 @@ def test_one_server_per_device_started_once_reused_restarted_and_stopped(launche
     assert [endpoint.pid for endpoint in first] == [endpoint.pid for endpoint in second]
     assert sorted([first[0].action, second[0].action]) == ["reused", "started"]
     for endpoint in first:
-        report = httpx.get(f"{endpoint.url}/health", timeout=30).json()
+        report = httpx.get(f"{endpoint.url}/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
         assert (
             report["status"] == "ready" and report["pid"] == endpoint.pid and report["port"] == endpoint.port
         )
@@ -131,11 +131,12 @@ def test_command_line_start_takes_a_profile_and_field_flags(
     state_dir = str(tmp_path / "state")
     argv = ["start", "--state-dir", state_dir, "--model", str(tiny_model_dir), "--devices", "cpu",
             "--base-port", "0", "--profile", "conservative", "--max-new-tokens", "2",
-            "--max-batch-images", "64", "--token", TOKEN, "--startup-timeout", "120"]  # fmt: skip
+            "--max-batch-images", "64", "--startup-timeout", "120"]  # fmt: skip
     try:
-        assert launcher_main(argv) == 0
+        assert launcher_main(argv, bearer_token=TOKEN) == 0  # the CLI passes $IMGPIPE_GPU_TOKEN
         (endpoint,) = json.loads(capsys.readouterr().out)
-        settings = httpx.get(f"{endpoint['url']}/health", timeout=30).json()["settings"]
+        settings = httpx.get(f"{endpoint['url']}/health", headers={"Authorization": f"Bearer {TOKEN}"},
+                             timeout=30).json()["settings"]  # fmt: skip
         assert settings["max_inference_queue_size"] == 500  # conservative
         assert settings["max_batch_images"] == 64 and settings["model"]["max_new_tokens"] == 2
         assert TOKEN not in " ".join(psutil.Process(endpoint["pid"]).cmdline())
