@@ -4,7 +4,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, Failure, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from imgpipe_dagster.environment import (
@@ -15,7 +15,7 @@ from imgpipe_dagster.environment import (
     MODEL_PATH_ENV,
 )
 from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
-from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
+from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher, ServerStartError
 from imgpipe_dagster.gpu_server.settings import ServerSettings
 from imgpipe_dagster.paths import imgpipe_home
 from imgpipe_dagster.profiles import GpuServerProfile
@@ -113,7 +113,11 @@ class GpuModelResource(ConfigurableResource):
                 except HealthUnavailable as exc:
                     report.warning(f"GPU server {url} is not answering ({exc}); the run waits for it")
             return list(self.endpoints)
-        endpoints = self.launcher(profile).ensure(self.devices, base_port=self.base_port)
+        try:
+            endpoints = self.launcher(profile).ensure(self.devices, base_port=self.base_port)
+        except ServerStartError as error:
+            # the run's failure message is the one line that says why, not the stack below it
+            raise Failure(description=f"GPU servers did not start: {error}", allow_retries=False) from None
         for endpoint in endpoints:
             report.info(endpoint.describe())
         return [e.url for e in endpoints]
