@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     server.run(sockets=[sock])
     state = app.state.server
     if state.status == "failed":
+        # the traceback is above in the log; this last line is the one the launcher reports
+        cause = (state.load_error or "unknown cause").splitlines()[0]
+        print(f"gpu_server: model failed to load: {cause}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
 

@@ -4,8 +4,12 @@ answers that give away nothing about the server's files."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -159,3 +163,35 @@ def test_a_flood_of_idle_connections_stays_under_the_cap_and_health_answers(guar
         answer = httpx.get(f"{endpoint.url}/health", headers=AUTH, timeout=WAIT_S)
         assert answer.status_code == 200 and answer.json()["status"] == "ready"
         assert client_connections(endpoint.pid) <= MAX_CONNECTIONS
+
+
+def test_gpu_server_start_takes_the_token_from_the_environment_and_never_shows_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    token = "environment-token-" + tmp_path.name
+    state = str(tmp_path / "state")
+    command = [sys.executable, "-m", "imgpipe_dagster.cli", "gpu-server", "start", "--state-dir", state,
+               "--model", str(tiny_model_dir), "--devices", "cpu", "--base-port", "0", "--startup-timeout", "120"]  # fmt: skip
+    starter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "IMGPIPE_GPU_TOKEN": token})  # fmt: skip
+    try:
+        # every command line on the machine, for as long as the servers start: the token is in none
+        seen = 0
+        while starter.poll() is None:
+            for process in psutil.process_iter(["cmdline"]):
+                assert token not in " ".join(process.info["cmdline"] or []), process.info["cmdline"]
+                seen += 1
+            time.sleep(0.2)
+        out, err = starter.communicate(timeout=WAIT_S)
+        assert starter.returncode == 0, err
+        assert seen > 0
+        (endpoint,) = json.loads(out)
+        url = endpoint["url"]
+        assert token not in " ".join(psutil.Process(endpoint["pid"]).cmdline())
+        assert httpx.get(f"{url}/metrics", timeout=WAIT_S).status_code == 401
+        guarded = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {token}"}, timeout=WAIT_S).json()
+        assert guarded["auth_required"] is True and guarded["pid"] == endpoint["pid"]
+        assert set(httpx.get(f"{url}/health", timeout=WAIT_S).json()) == {"workers", "queue_size", "status", "auth_required"}
+    finally:
+        starter.kill()
+        subprocess.run([*command[:4], "stop", "--state-dir", state], timeout=WAIT_S, check=False)

@@ -88,8 +88,22 @@ def test_a_server_that_cannot_load_its_model_is_reported_with_its_log(tmp_path: 
     launcher = GpuServerLauncher(tmp_path / "state", settings, startup_timeout_s=120)
     with pytest.raises(ServerStartError) as failure:
         launcher.ensure(["cpu"], base_port=0)
-    assert "no-model-here" in str(failure.value)
+    assert "no-model-here" in str(failure.value) and "\n" not in str(failure.value)
     assert all(not entry["alive"] for entry in launcher.status())
+
+
+def test_a_model_that_fails_to_load_is_reported_in_one_line_that_names_the_log(tmp_path: Path) -> None:
+    folder = tmp_path / "half-a-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # looks like a model folder; the server finds out it is not
+    launcher = GpuServerLauncher(tmp_path / "state", medium_server_settings(str(folder)), startup_timeout_s=120)
+    with pytest.raises(ServerStartError) as failure:
+        launcher.ensure(["cpu"], base_port=0)
+    message = str(failure.value)
+    # the launcher may see the failed status or, when the server has already left, its last own line
+    assert "\n" not in message and ("is failed: " in message or "model failed to load: " in message), message
+    assert "server log: " in message
+    assert "Traceback" in failure.value.log_tail  # the detail stays available, out of the message
 
 
 def test_command_line_status_and_stop_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
