@@ -8,6 +8,8 @@ One JSON line per figure and server:
   12000x12000 (144 MP) black RGB PNG of about 420 KB, and the per-image answer;
 - ``slowloris``: connections the server holds for ``--slow-clients`` clients that send a request head
   a byte at a time, seen halfway to the header timeout and again after it (plus two seconds);
+- ``idle_flood``: connections held for ``--flood-clients`` connections that never send a byte, and
+  the latency of one ``/health`` probe meanwhile;
 - ``health_latency``: the latency p50/p95 of a ``/health`` probe (one at a time, a fresh connection
   each, as the launcher asks) idle and while another process keeps ``--concurrency`` requests to
   ``/health`` in flight (each connection asking again as soon as answered), with and without the
@@ -123,6 +125,21 @@ def slowloris(server: str, endpoint: Endpoint, clients: int, header_timeout_s: f
             sock.close()
 
 
+def idle_flood(server: str, endpoint: Endpoint, clients: int) -> None:
+    """``clients`` connections that never send a byte; then one /health probe while they are open."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(clients):
+            sockets.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=10))
+        time.sleep(1.0)  # let the server accept (and evict) what it will
+        held = held_connections(endpoint.pid)
+        probe = probe_latencies(endpoint.url, 1, {})[0]
+        emit("idle_flood", server, clients=clients, held=held, health_probe_ms=ms(probe))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -196,6 +213,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slow-clients", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=400)
+    parser.add_argument("--flood-clients", type=int, default=3000, help="idle connections (above the 1,000 cap)")
     parser.add_argument("--probes", type=int, default=40, help="/health probes idle and under load")
     parser.add_argument("--header-timeout", type=float, default=10.0, help="the guarded server's header_timeout_s")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unguarded server (saves ~2 GB)")
@@ -211,6 +229,7 @@ def main() -> int:
                 launchers.append(GpuServerLauncher(work / name))
                 rss_pixel_bomb(name, endpoint)
                 slowloris(name, endpoint, options.slow_clients, options.header_timeout)
+                idle_flood(name, endpoint, options.flood_clients)
                 health_latency(name, endpoint, options.concurrency, options.probes)
         finally:
             for launcher in launchers:
