@@ -10,10 +10,11 @@ One JSON line per figure and server:
   a byte at a time, seen halfway to the header timeout and again after it (plus two seconds);
 - ``idle_flood``: connections held for ``--flood-clients`` connections that never send a byte, and
   the latency of one ``/health`` probe meanwhile;
-- ``health_latency``: the latency p50/p95 of a ``/health`` probe (one at a time, a fresh connection
-  each, as the launcher asks) idle and while another process keeps ``--concurrency`` requests to
-  ``/health`` in flight (each connection asking again as soon as answered), with and without the
-  token; ``load_answers_per_s`` is what the server answered that load meanwhile.
+- ``health_latency``: the latency p50/p95 of a ``/health`` probe (one at a time with the token, a
+  fresh connection each, as the launcher asks) idle and while another process keeps ``--concurrency``
+  requests in flight (each connection asking again as soon as answered): ``/health`` requests, then
+  analyses of one small JPEG (most of them answered 429 once the queue is full);
+  ``load_answers_per_s`` is what the server answered that load meanwhile.
 
     python bench/server_defense.py                     # about a minute; needs ~2 GB for the baseline's decode
     python bench/server_defense.py --slow-clients 300 --concurrency 400 --header-timeout 10
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import multiprocessing
 import socket
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -145,9 +148,20 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-async def _health_load(port: int, concurrency: int, stop_at: float, counter) -> None:
-    """``concurrency`` keep-alive connections, each asking /health again as soon as answered."""
-    request = b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n"
+def load_request(kind: str) -> bytes:
+    """One raw HTTP request of the load: a /health probe, or an analysis of one small JPEG."""
+    if kind == "health":
+        return b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n"
+    picture = io.BytesIO()
+    Image.new("RGB", (112, 112), "teal").save(picture, "JPEG")
+    body = wire.encode_request([picture.getvalue()], "analysis_v1")
+    head = (f"POST /v1/analyze HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+async def _load(port: int, request: bytes, concurrency: int, stop_at: float, counter) -> None:
+    """``concurrency`` keep-alive connections, each sending ``request`` again as soon as answered."""
 
     async def one_client() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -165,8 +179,8 @@ async def _health_load(port: int, concurrency: int, stop_at: float, counter) -> 
     await asyncio.gather(*(one_client() for _ in range(concurrency)), return_exceptions=True)
 
 
-def _run_load(port: int, concurrency: int, stop_at: float, counter) -> None:
-    asyncio.run(_health_load(port, concurrency, stop_at, counter))
+def _run_load(port: int, request: bytes, concurrency: int, stop_at: float, counter) -> None:
+    asyncio.run(_load(port, request, concurrency, stop_at, counter))
 
 
 def probe_latencies(url: str, count: int, headers: dict) -> list[float]:
@@ -180,13 +194,15 @@ def probe_latencies(url: str, count: int, headers: dict) -> list[float]:
 
 
 def health_latency(server: str, endpoint: Endpoint, concurrency: int, probes: int) -> None:
-    """The probe's latency idle, then while a separate process keeps ``concurrency`` requests in flight."""
-    for auth, headers in (("public", {}), ("token", AUTH)):
+    """The probe's latency (with the token, as the launcher asks) idle, then while a separate process
+    keeps ``concurrency`` requests in flight: /health ones, then analyses of one image each."""
+    headers = AUTH
+    for kind in ("health", "analyze"):
         idle = probe_latencies(endpoint.url, probes, headers)
         counter = multiprocessing.Value("l", 0)
         stop_at = time.monotonic() + 3600
         load = multiprocessing.get_context("fork").Process(
-            target=_run_load, args=(endpoint.port, concurrency, stop_at, counter), daemon=True
+            target=_run_load, args=(endpoint.port, load_request(kind), concurrency, stop_at, counter), daemon=True
         )
         load.start()
         try:
@@ -199,7 +215,7 @@ def health_latency(server: str, endpoint: Endpoint, concurrency: int, probes: in
         finally:
             load.kill()
             load.join()
-        emit("health_latency", server, auth=auth, probes=probes, idle_p50_ms=ms(statistics.median(idle)),
+        emit("health_latency", server, load=kind, probes=probes, idle_p50_ms=ms(statistics.median(idle)),
              idle_p95_ms=ms(percentile(idle, 0.95)), concurrency=concurrency,
              loaded_p50_ms=ms(statistics.median(loaded)), loaded_p95_ms=ms(percentile(loaded, 0.95)),
              load_answers_per_s=round(load_rate))  # fmt: skip
