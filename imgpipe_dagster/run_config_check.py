@@ -19,6 +19,7 @@ import yaml
 from dagster import DagsterInvalidConfigError, validate_run_config
 
 from imgpipe_dagster.assets.config import DEFAULT_PROFILE, ImageAnalysisConfig
+from imgpipe_dagster.environment import GPU_TOKEN_ENV
 from imgpipe_dagster.jobs import analysis_job_name
 from imgpipe_dagster.profiles import PROFILE_NAMES, ProfileError
 
@@ -41,6 +42,11 @@ def problems_in(files: Sequence[str | Path], job_name: str | None = None) -> lis
     if profile is not None and profile not in PROFILE_NAMES:
         return [f"unknown profile {profile!r} at ops.image_analysis.config.profile; choose one of "
                 f"{', '.join(PROFILE_NAMES)}"]  # fmt: skip
+    token = (((merged.get("resources") or {}).get("gpu_model") or {}).get("config") or {}).get("token")
+    if isinstance(token, str):
+        # run config is stored with the run and shown in the UI: only a variable's name belongs there
+        return [f"resources.gpu_model.config.token is written out, and run config is stored and shown in "
+                f"clear: write token: {{env: {GPU_TOKEN_ENV}}} instead"]  # fmt: skip
     with warnings.catch_warnings():  # loading the definitions warns about beta parameters: noise here
         warnings.simplefilter("ignore")
         from imgpipe_dagster.definitions import defs
@@ -71,6 +77,7 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def _one_line(message: str) -> str:
     """Dagster's message with its path written as dotted keys (root:ops:x -> ops.x), line breaks folded."""
     dotted = _DAGSTER_PATH.sub(lambda found: found.group(1).replace(":", "."), message)
+    dotted = dotted.split(" Stack Trace:", 1)[0]  # a failed environment variable lookup appends one
     # an unknown key's message goes on to print the whole schema: the profile files list the keys
     dotted = dotted.split(' Expected: "', 1)[0].rstrip(".") + (
         " (profiles/medium.yaml lists every key)" if ' Expected: "' in dotted else "")

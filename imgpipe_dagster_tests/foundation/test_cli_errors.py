@@ -177,6 +177,19 @@ def test_run_config_is_checked_in_one_line_per_problem(tmp_path, config, needles
     assert_one_line(result, "imgpipe: ", *needles)
 
 
+def test_a_token_written_out_in_run_config_is_refused(tmp_path):
+    path = tmp_path / "external.yaml"
+    path.write_text("resources:\n  gpu_model:\n    config:\n      mode: external\n      token: s3cret-value\n")
+    result = imgpipe("check-config", str(path), env=NO_DATABASE)
+    assert_one_line(result, "imgpipe: ", "token is written out", "{env: IMGPIPE_GPU_TOKEN}")
+    assert "s3cret-value" not in result.stderr
+    # the variable's name is what belongs there
+    path.write_text("resources:\n  gpu_model:\n    config:\n      mode: external\n      endpoints: [http://h:1]\n"
+                    "      token: {env: IMGPIPE_GPU_TOKEN}\n")  # fmt: skip
+    result = imgpipe("check-config", str(path), env={**NO_DATABASE, "IMGPIPE_GPU_TOKEN": "from-the-environment"})
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_profile_file_passes_the_run_config_check():
     result = imgpipe("check-config", "profiles/medium.yaml", "profiles/aggressive.yaml", env=NO_DATABASE)
     assert result.returncode == 0, result.stderr
