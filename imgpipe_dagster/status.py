@@ -102,8 +102,10 @@ def dead_managed_servers(records_dir: Path | None = None) -> list[GpuServerStatu
 
 
 def probe_gpu_server(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> GpuServerStatus:
+    from imgpipe_dagster.environment import read_environment
+
     try:
-        health = fetch_health(url, timeout_s)
+        health = fetch_health(url, timeout_s, token=read_environment().gpu_token)
     except HealthUnavailable as exc:
         return GpuServerStatus(url=url, reachable=False, error=str(exc)[:120])
     server = GpuServerStatus(

@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 
-from imgpipe_dagster.cli import db, demo, dev, gpu_server, ingest, metrics, results, status
+from imgpipe_dagster.cli import config, db, demo, dev, gpu_server, ingest, metrics, results, status
 from imgpipe_dagster.store.errors import ConfigurationError
 
 # Each module adds its subcommands and sets ``handler`` on their parsers.
-COMMAND_GROUPS = (db, dev, gpu_server, demo, ingest, status, metrics, results)
+COMMAND_GROUPS = (db, dev, gpu_server, demo, ingest, status, metrics, results, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,12 +24,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_gpu_server(args: argparse.Namespace) -> int:
+    from imgpipe_dagster.environment import read_environment
     from imgpipe_dagster.gpu_server.launcher import launcher_main
 
     passthrough = list(args.rest)
     if not any(a.startswith("--state-dir") for a in passthrough):
         passthrough = ["--state-dir", str(gpu_server_records_dir()), *passthrough]
-    return launcher_main([args.action, *passthrough])
+    return launcher_main([args.action, *passthrough], bearer_token=read_environment().gpu_token)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:

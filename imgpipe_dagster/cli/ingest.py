@@ -16,6 +16,7 @@ import time
 from imgpipe_dagster.corpus.errors import CorpusInputError
 from imgpipe_dagster.corpus.ingest import IngestReport, ingest_files
 from imgpipe_dagster.corpus.shards import sync_shard_partitions
+from imgpipe_dagster.corpus.sources import expand_paths, identify
 from imgpipe_dagster.local_instance import dagster_home, prepare_environment
 from imgpipe_dagster.store import database as db
 
@@ -83,6 +84,12 @@ def _register_partitions_safely(conn) -> int | None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    try:  # bad input is said before the database is even reached
+        for path in expand_paths(args.files):
+            identify(path)
+    except CorpusInputError as exc:
+        print(f"imgpipe ingest: {exc}", file=sys.stderr)
+        return 2
     url = prepare_environment()
     with db.connect(url) as conn:
         try:

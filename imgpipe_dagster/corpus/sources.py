@@ -9,6 +9,7 @@ compressed (.gz, .zst). Readers never hold more than one batch: 20M URLs stay ou
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import gzip
 import io
@@ -80,7 +81,12 @@ def expand_paths(paths: list[str | os.PathLike] | str | os.PathLike) -> list[Pat
             found.append(Path(text))
     unique: dict[Path, None] = {}
     for path in found:
-        unique.setdefault(path.resolve(), None)
+        try:
+            unique.setdefault(path.resolve(), None)
+        except (RuntimeError, OSError) as exc:  # Python 3.11 says RuntimeError for a symlink loop
+            if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+                raise CorpusInputError(path, "symbolic link loop: the link leads back to itself") from None
+            raise CorpusInputError(path, f"cannot follow this path: {exc.strerror or exc}") from None
     return list(unique)
 
 
@@ -92,6 +98,11 @@ def identify(path: Path) -> SourceFile:
         raise CorpusInputError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise CorpusInputError(path, "file is empty")
+    try:
+        with open(path, "rb"):
+            pass  # found out here, before any row is read, not as a traceback halfway
+    except OSError as exc:
+        raise CorpusInputError(path, f"cannot be read ({exc.strerror or exc}): check its permissions") from None
     suffixes = [s.lower() for s in path.suffixes]
     compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
     if compression:

@@ -60,6 +60,18 @@ def parse_allowed_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
+def host_name_problem(host: str) -> str | None:
+    """Why a (non-IP) host name can never resolve, or None: DNS caps labels at 63 octets and the
+    name at 253 (RFC 1035). Such a URL is invalid for good, not a DNS failure worth retrying."""
+    name = host.rstrip(".")
+    if len(name) > 253:
+        return f"host name of {len(name)} characters (DNS allows 253)"
+    longest = max((len(label) for label in name.split(".")), default=0)
+    if longest > 63:
+        return f"host name label of {longest} characters (DNS allows 63)"
+    return None
+
+
 def parse_ip_literal(host: str) -> IPAddress | None:
     """The address a URL host denotes when it is written as an IP, in any spelling; else None."""
     candidate = host.strip()

@@ -24,9 +24,10 @@ from imgpipe_dagster.fetch.settings import FetchSettings
 Image.init()
 ACCEPTED_FORMATS = tuple(f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF") if f in Image.OPEN)
 
-# pixels per byte of file from which an over-limit image counts as a bomb rather than merely large:
-# even a flat-colour JPEG stays under ~300 px/byte, a zlib-packed PNG of zeros reaches ~8,000 px/byte
-BOMB_PIXELS_PER_BYTE = 1000
+# pixels per byte of file from which an over-limit image counts as a bomb rather than merely large.
+# A photo stays far below (a smooth 100 MP greyscale JPEG: ~54 px/byte); zlib packs at most ~1,030:1,
+# so an RGB PNG bomb of zeros tops out near 340 px/byte (900 MP in 2.6 MB) and needs counting as one.
+BOMB_PIXELS_PER_BYTE = 100
 
 # Pillow warns (once per call site) on images between 1x and 2x its own limit; our stricter
 # max_image_pixels check refuses those images anyway, so the warning is only noise in worker logs
@@ -96,7 +97,8 @@ def target_size(width: int, height: int, target_pixels: int, multiple: int) -> t
     return new_w, new_h
 
 
-def _too_many_pixels(pixels: int, file_bytes: int, limit: int) -> FetchError:
+def too_many_pixels(pixels: int, file_bytes: int, limit: int) -> FetchError:
+    """The error for an image over the pixel ``limit``: a bomb when its pixels are packed densely."""
     density = pixels / max(1, file_bytes)
     if density >= BOMB_PIXELS_PER_BYTE:
         return FetchError(
@@ -170,7 +172,7 @@ def decode_image(data: bytes, settings: FetchSettings) -> DecodedImage:
     except Image.DecompressionBombError as exc:
         found = _PILLOW_BOMB_SIZE.search(str(exc))
         pixels = int(found.group(1)) if found else settings.max_image_pixels * 2 + 1
-        raise _too_many_pixels(pixels, len(data), settings.max_image_pixels) from exc
+        raise too_many_pixels(pixels, len(data), settings.max_image_pixels) from exc
     except UnidentifiedImageError as exc:
         raise FetchError(
             ErrorClass.UNDECODABLE, f"{sniffed} signature but Pillow cannot parse it: {exc}"
@@ -182,13 +184,13 @@ def decode_image(data: bytes, settings: FetchSettings) -> DecodedImage:
         if raw_w <= 0 or raw_h <= 0:
             raise FetchError(ErrorClass.UNDECODABLE, f"{sniffed} with empty size {image.size}")
         if raw_w * raw_h > settings.max_image_pixels:
-            raise _too_many_pixels(raw_w * raw_h, len(data), settings.max_image_pixels)
+            raise too_many_pixels(raw_w * raw_h, len(data), settings.max_image_pixels)
         try:
             return _decode_checked(image, data, settings, started)
         except FetchError:
             raise
         except Image.DecompressionBombError as exc:
-            raise _too_many_pixels(
+            raise too_many_pixels(
                 settings.max_image_pixels * 2 + 1, len(data), settings.max_image_pixels
             ) from exc
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:

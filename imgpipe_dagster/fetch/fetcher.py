@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from imgpipe_dagster.fetch.address import connectable, parse_ip_literal
+from imgpipe_dagster.fetch.address import connectable, host_name_problem, parse_ip_literal
 from imgpipe_dagster.fetch.decode import SNIFF_BYTES, decode_image, sniff_format
 from imgpipe_dagster.fetch.encoding import ACCEPT_ENCODING, BoundedBodyDecoder
 from imgpipe_dagster.fetch.errors import ErrorClass, FetchError
@@ -140,6 +140,8 @@ def prepare_url(url: str, resolver: SafeResolver) -> httpx.URL:
         canonical = f"[{literal}]" if literal.version == 6 else str(literal)
         netloc = canonical if port is None else f"{canonical}:{port}"
         url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    elif (problem := host_name_problem(host)) is not None:
+        raise FetchError(ErrorClass.INVALID_URL, problem)
     try:
         return httpx.URL(url)
     except (httpx.InvalidURL, ValueError, UnicodeError) as exc:

@@ -83,11 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, SettingsError) as error:
         print(f"gpu_server: cannot load {options.settings_file}: {error}", file=sys.stderr)
         return 2
+    problem = settings.exposure_problem()
+    if problem:
+        print(f"gpu_server: {problem}", file=sys.stderr)
+        return 2
     if settings.model.enable_memory_defrag and settings.model.device.startswith("cuda"):
         # Must be set before CUDA initialises; expandable segments curb fragmentation from varying batches.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-    sock = bind_socket(settings.host, settings.port)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as error:
+        # one line the launcher can pass on, not a traceback in the log tail
+        print(f"gpu_server: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     settings = settings.replace(port=sock.getsockname()[1])
     if options.port_file is not None:
         write_port_file(options.port_file, settings.port)
@@ -100,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from imgpipe_dagster.gpu_server.app import create_app
+    from imgpipe_dagster.gpu_server.guard import (
+        ConnectionLimits,
+        GuardCounters,
+        connection_cap,
+        guarded_protocol,
+    )
 
     server: uvicorn.Server | None = None
 
@@ -108,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_exit=request_exit)
+    limits = ConnectionLimits(settings.header_timeout_s, settings.body_timeout_s,
+                              connection_cap(settings.max_connections))  # fmt: skip
     config = uvicorn.Config(
-        app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60
+        app, workers=1, log_level="info", access_log=False, timeout_graceful_shutdown=60,
+        http=guarded_protocol(limits, GuardCounters()),
+        # the accept queue is bounded too: beyond it the kernel refuses, nothing reaches the process
+        backlog=min(2048, limits.max_connections),
     )
     server = uvicorn.Server(config)
     heartbeat = start_registry_heartbeat(settings, app.state.server)
@@ -124,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat.stop()
     state = app.state.server
     if state.status == "failed":
+        # the traceback is above in the log; this last line is the one the launcher reports
+        cause = (state.load_error or "unknown cause").splitlines()[0]
+        print(f"gpu_server: model failed to load: {cause}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
 

@@ -15,8 +15,8 @@ JSON document and applies it live when only live fields differ (batching, queue 
 max_new_tokens: ``settings.LIVE_FIELDS``); other changes answer 409 (the launcher restarts the server).
 
 Authentication: with a bearer token set, /v1/analyze, /v1/settings and /metrics require it. /health
-stays open so that supervisors and load balancers can probe without the secret; it reveals counters
-and settings, never the token.
+stays open so that supervisors and load balancers can probe without the secret, but without it shows
+only the legacy fields and the status (``public_health``); the whole document needs the token.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -43,6 +43,7 @@ from imgpipe_dagster.gpu_server.metrics import CONTENT_TYPE as METRICS_CONTENT_T
 from imgpipe_dagster.gpu_server.metrics import ServerMetrics
 from imgpipe_dagster.gpu_server.nvml import GpuMonitor
 from imgpipe_dagster.gpu_server.openai_api import openai_routes
+from imgpipe_dagster.gpu_server.prompts import UnknownPromptError
 from imgpipe_dagster.gpu_server.settings import ServerSettings, SettingsError, apply_live, settings_hash
 
 log = logging.getLogger("imgpipe_dagster.gpu_server")
@@ -184,8 +185,12 @@ async def _analyze(state: ServerState, request: Request) -> Response:
             return _unavailable(state)
         try:
             prompt_version = state.engine.prompt_version(parsed.prompt)
+        except UnknownPromptError as error:
+            return _error(400, "unknown_prompt", str(error))
         except Exception as error:
-            return _error(400, "unknown_prompt", f"unknown prompt {parsed.prompt!r}: {error}")
+            # the cause may name server paths: the log gets it, the client only the prompt's name
+            log.warning("prompt %r failed to load: %s: %s", parsed.prompt, type(error).__name__, error)
+            return _error(400, "unknown_prompt", f"prompt {parsed.prompt!r} cannot be loaded on this server")
         started = time.monotonic()
         try:
             outcomes = await state.batcher.submit(parsed.images, parsed.prompt)
@@ -280,7 +285,23 @@ def health_snapshot(state: ServerState) -> ServerHealth:
 
 async def health(request: Request) -> Response:
     state = _state(request)
-    return JSONResponse(health_snapshot(state).to_json(), status_code=503 if state.status == "failed" else 200)
+    status_code = 503 if state.status == "failed" else 200
+    if not _authorised(state, request):
+        # Open to probes without the secret, but only liveness: paths, pid, settings and load errors
+        # tell an attacker too much.
+        return JSONResponse(public_health(state), status_code=status_code)
+    return JSONResponse(health_snapshot(state).to_json(), status_code=status_code)
+
+
+def public_health(state: ServerState) -> dict[str, Any]:
+    """What /health shows without the token: the legacy fields, the status and that auth is needed."""
+    batcher = state.batcher
+    return {
+        "workers": state.settings.max_concurrent_generations,
+        "queue_size": batcher.queued if batcher else 0,
+        "status": state.status,
+        "auth_required": True,
+    }
 
 
 async def update_settings(request: Request) -> Response:
@@ -291,7 +312,8 @@ async def update_settings(request: Request) -> Response:
     try:
         # The token, address and port stay the server's own whatever the document says.
         wanted = ServerSettings.from_json((await request.body()).decode()).replace(
-            bearer_token=state.settings.bearer_token, host=state.settings.host, port=state.settings.port
+            bearer_token=state.settings.bearer_token, host=state.settings.host, port=state.settings.port,
+            insecure_no_token=state.settings.insecure_no_token,
         )
     except (SettingsError, UnicodeDecodeError) as error:
         return _error(400, "bad_settings", str(error))
@@ -313,6 +335,14 @@ async def metrics(request: Request) -> Response:
     if not _authorised(state, request):
         return _error(401, "unauthorised", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
     return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    # A client gone mid-body is the client's business: one line, no traceback. Nobody reads the answer.
+    client = request.client
+    log.info("client %s disconnected before its request body to %s was complete",
+             f"{client.host}:{client.port}" if client else "?", request.url.path)  # fmt: skip
+    return _error(400, "client_disconnected", "the client disconnected before the body was complete")
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -401,7 +431,7 @@ def create_app(
             # OpenAI-compatible face over the same batcher (openai_api.py)
             *openai_routes(_authorised, _read_body_capped),
         ],
-        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        exception_handlers={404: _not_found, 405: _method_not_allowed, ClientDisconnect: _client_disconnected},
         lifespan=lifespan,
     )
     app.state.server = state

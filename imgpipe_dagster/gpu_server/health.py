@@ -104,11 +104,16 @@ class HealthUnavailable(Exception):
     """No usable /health answer (refused, timed out, not JSON); the message says which."""
 
 
-def fetch_health(url: str, timeout_s: float, connect_timeout_s: float | None = None) -> ServerHealth:
-    """GET ``url``/health. A failed server answers 503 with its document: that is still an answer."""
+def fetch_health(
+    url: str, timeout_s: float, connect_timeout_s: float | None = None, token: str | None = None
+) -> ServerHealth:
+    """GET ``url``/health. A failed server answers 503 with its document: that is still an answer.
+    A server with a token shows the whole document only to a caller that sends it (else the legacy
+    fields and the status)."""
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, connect_timeout_s or timeout_s))
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
+        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout, headers=headers)
         return ServerHealth.from_json(response.json())
     except (httpx.HTTPError, ValueError) as error:
         raise HealthUnavailable(f"{type(error).__name__}: {error}"[:200]) from None

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgpipe_dagster.fetch.decode import too_many_pixels
+
 # CLIP normalisation constants (the Qwen2-VL preprocessor config values).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,14 +73,24 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h_bar, w_bar
 
 
-def decode_image(data: bytes, min_pixels: int, max_pixels: int, factor: int) -> np.ndarray:
-    """Bytes -> RGB uint8 array (H, W, 3) whose sides fit the patch grid. Raises ImageDecodeError."""
+def decode_image(
+    data: bytes, min_pixels: int, max_pixels: int, factor: int, max_source_pixels: int | None = None
+) -> np.ndarray:
+    """Bytes -> RGB uint8 array (H, W, 3) whose sides fit the patch grid. Raises ImageDecodeError,
+    also for an image over ``max_source_pixels`` (read from its header: such an image is never decoded)."""
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_source_pixels is not None and width * height > max_source_pixels:
+                raise _oversize(width * height, len(data), max_source_pixels)
             img.load()
             rgb = img.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own cap, met before ours can look
+        raise _oversize(2 * (Image.MAX_IMAGE_PIXELS or 0) + 1, len(data), max_source_pixels or 0) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     width, height = rgb.size
@@ -86,6 +98,11 @@ def decode_image(data: bytes, min_pixels: int, max_pixels: int, factor: int) -> 
     if (target_h, target_w) != (height, width):
         rgb = rgb.resize((target_w, target_h), Image.Resampling.BICUBIC)
     return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+
+
+def _oversize(pixels: int, file_bytes: int, limit: int) -> ImageDecodeError:
+    # the fetcher's taxonomy (decompression_bomb or too_large) leads the message, so both sides agree
+    return ImageDecodeError(str(too_many_pixels(pixels, file_bytes, limit)))
 
 
 def normalise_and_patchify(images: torch.Tensor, grid: PatchGrid, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -303,7 +303,8 @@ class InferenceEngine:
 
     def _decode_or_error(self, data: bytes) -> np.ndarray | str:
         try:
-            return decode_image(data, self.settings.min_pixels, self.settings.max_pixels, self.patch_grid.factor)
+            return decode_image(data, self.settings.min_pixels, self.settings.max_pixels, self.patch_grid.factor,
+                                max_source_pixels=self.settings.max_source_pixels)  # fmt: skip
         except ImageDecodeError as exc:
             return str(exc)
         except Exception as exc:  # never let one image break the batch

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ from imgpipe_dagster.gpu_server.settings import (
     ServerSettings,
     SettingsError,
     differences,
+    model_path_problem,
     needs_restart,
     settings_hash,
 )
@@ -56,7 +59,19 @@ Action = Literal["started", "reused", "reconfigured", "restarted", "busy-kept"]
 
 
 class ServerStartError(RuntimeError):
-    """A server process did not become ready; the message carries the end of its log."""
+    """A server process did not become ready. The message is one line (why, and where its log is);
+    ``log_tail`` holds the end of the log for whoever wants the detail."""
+
+    def __init__(self, summary: str, log_path: str | None = None) -> None:
+        self.log_tail = _tail(log_path) if log_path else ""
+        super().__init__(f"{summary} (server log: {log_path})" if log_path else summary)
+
+
+def _why_it_exited(log_path: str) -> str:
+    """The server's own one-line error (``gpu_server: …``) from its log, else its last line."""
+    lines = [line.strip() for line in _tail(log_path).splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("gpu_server: ")]
+    return (own or lines or ["no output"])[-1]
 
 
 @dataclass(frozen=True)
@@ -119,9 +134,11 @@ class GpuServerLauncher:
         health_timeout_s: float = 5.0,
         restart_wait_s: float = 300.0,
         extra_env: dict[str, str] | None = None,
+        token: str | None = None,
     ) -> None:
         """``settings`` is what ensure() starts servers with (stop and status need none);
-        ``restart_wait_s`` bounds the wait for a busy server to become idle before a restart."""
+        ``restart_wait_s`` bounds the wait for a busy server to become idle before a restart;
+        ``token`` reads the whole /health of guarded servers (default: the settings' bearer token)."""
         self.state_dir = Path(state_dir) if state_dir is not None else gpu_server_records_dir()
         self.settings = settings
         self.python = python
@@ -129,6 +146,7 @@ class GpuServerLauncher:
         self.health_timeout_s = health_timeout_s
         self.restart_wait_s = restart_wait_s
         self.extra_env = dict(extra_env or {})
+        self.token = token if token is not None else (settings.bearer_token if settings else None)
 
     # ----- public API -----
 
@@ -139,6 +157,11 @@ class GpuServerLauncher:
         base_port is 0), started in parallel, each running ``self.settings``."""
         if self.settings is None:
             raise ValueError("GpuServerLauncher.ensure needs the settings to run servers with")
+        # Refused here, before any process: the reason is one line, not a server's log.
+        problem = model_path_problem(self.settings.model.model_path) or self.settings.replace(
+            host=host or self.settings.host).exposure_problem()
+        if problem:
+            raise ServerStartError(problem)
         devices = list(devices) if devices is not None else detect_devices()
         base_port = self.settings.port if base_port is None else base_port
         host = host or self.settings.host
@@ -245,6 +268,12 @@ class GpuServerLauncher:
                 action: Action = "restarted"
             else:
                 action = "restarted" if record is not None else "started"
+                # Nothing of ours held the port: if it is taken, another program has it, and the
+                # server would only wait for it and die. (A restarted server's port may still be held
+                # for a moment by its predecessor: the server itself waits for that one.)
+                if port and action == "started" and _port_taken(host, port):
+                    raise ServerStartError(f"port {port} on {host} is in use by another program: stop it or "
+                                           f"choose another --base-port")  # fmt: skip
             self._forget(slot)
             return self._start(device, slot, wanted, action, changed)
 
@@ -361,11 +390,12 @@ class GpuServerLauncher:
             with contextlib.suppress(OSError, ValueError):
                 return int(port_file.read_text())
             if not self._alive(record):
-                raise ServerStartError(f"server in slot {record['slot']} exited:\n{_tail(record['log'])}")
+                raise ServerStartError(f"server in slot {record['slot']} exited: {_why_it_exited(record['log'])}",
+                                       record["log"])  # fmt: skip
             time.sleep(0.1)
         _terminate(record["pid"], 10.0)
-        raise ServerStartError(f"server in slot {record['slot']} bound no port in {self.startup_timeout_s:.0f}s\n"
-                               f"{_tail(record['log'])}")  # fmt: skip
+        raise ServerStartError(f"server in slot {record['slot']} bound no port in {self.startup_timeout_s:.0f}s",
+                               record["log"])  # fmt: skip
 
     def _await_ready(self, record: dict[str, Any], *, started_here: bool) -> ServerHealth | None:
         """/health of the recorded server once ready; None (reused servers) or ServerStartError if never."""
@@ -374,7 +404,8 @@ class GpuServerLauncher:
         while time.monotonic() < deadline:
             if not self._alive(record):
                 if started_here:
-                    raise ServerStartError(f"server on port {record['port']} exited:\n{_tail(record['log'])}")
+                    raise ServerStartError(f"server on port {record['port']} exited: {_why_it_exited(record['log'])}",
+                                           record["log"])  # fmt: skip
                 return None
             health = self._probe(record["host"], record["port"])
             if health is not None and health.pid not in (None, record["pid"]):
@@ -385,9 +416,8 @@ class GpuServerLauncher:
             if health is not None and status in ("failed", "draining"):
                 if started_here:
                     _terminate(record["pid"], 10.0)
-                    raise ServerStartError(
-                        f"server on port {record['port']} is {status}: {health.error or ''}\n{_tail(record['log'])}"
-                    )
+                    cause = (health.error or "no reason given").splitlines()[0]
+                    raise ServerStartError(f"server on port {record['port']} is {status}: {cause}", record["log"])
                 return None
             if status is None:
                 unreachable_since = unreachable_since or time.monotonic()
@@ -400,7 +430,7 @@ class GpuServerLauncher:
         if started_here:
             _terminate(record["pid"], 10.0)
             raise ServerStartError(
-                f"server on port {record['port']} not ready after {self.startup_timeout_s:.0f}s\n{_tail(record['log'])}"
+                f"server on port {record['port']} not ready after {self.startup_timeout_s:.0f}s", record["log"]
             )
         return None
 
@@ -408,7 +438,7 @@ class GpuServerLauncher:
 
     def _probe(self, host: str, port: int) -> ServerHealth | None:
         try:
-            return fetch_health(_url(host, port), self.health_timeout_s)
+            return fetch_health(_url(host, port), self.health_timeout_s, token=self.token)
         except HealthUnavailable:
             return None
 
@@ -471,6 +501,17 @@ def _write_private(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
@@ -504,8 +545,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", dest="model_path", help="local model directory (start: required)")
     parser.add_argument("--profile", choices=PROFILE_NAMES, default="medium",
                         help="profile whose gpu_server values the servers start with (profiles/<name>.yaml)")
-    parser.add_argument("--token", dest="bearer_token", default=None,
-                        help="bearer token required by /v1/analyze, /v1/settings and /metrics")
+    # The token comes from IMGPIPE_GPU_TOKEN only: a flag would show it in `ps` while servers start.
+    parser.add_argument("--token", dest="token_flag", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--insecure-no-token", action="store_true",
+                        help="allow a non-loopback --host without IMGPIPE_GPU_TOKEN (trusted private network only)")
     parser.add_argument("--host", default="127.0.0.1", help="address the servers bind")
     parser.add_argument("--registry-url", default=None,
                         help="project database the servers register in (default: $IMGPIPE_DATABASE_URL)")
@@ -524,8 +567,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         if item.name not in named and item.name not in GpuServerProfile.model_fields:
             parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name,
                                 type=typed[str(item.type)], default=None)  # fmt: skip
-    for name in ("max_request_images", "max_request_bytes"):
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    for name, kind in (("max_request_images", int), ("max_request_bytes", int), ("max_connections", int),
+                       ("header_timeout_s", float), ("body_timeout_s", float)):  # fmt: skip
+        parser.add_argument("--" + name.removesuffix("_s").replace("_", "-"), dest=name, type=kind, default=None)
 
 
 def _bool_arg(text: str) -> bool:
@@ -537,7 +581,7 @@ def _bool_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def settings_from_options(options: argparse.Namespace) -> ServerSettings:
+def settings_from_options(options: argparse.Namespace, bearer_token: str | None = None) -> ServerSettings:
     """The servers' settings: the profile through settings_map, then the flags given."""
     from imgpipe_dagster.gpu_server.settings import ModelSettings
     from imgpipe_dagster.profiles import GpuServerProfile, resolve
@@ -551,15 +595,18 @@ def settings_from_options(options: argparse.Namespace) -> ServerSettings:
                    and item.name != "model_path"}  # fmt: skip
     if options.random_weights:
         model_extra["random_weights"] = True
-    deployment = {name: values[name] for name in ("max_request_images", "max_request_bytes") if values[name] is not None}
+    deployment = {name: values[name] for name in ("max_request_images", "max_request_bytes", "max_connections",
+                                                  "header_timeout_s", "body_timeout_s") if values[name] is not None}  # fmt: skip
     return server_settings(
         gpu, model_settings(gpu, options.model_path, **model_extra),
-        host=options.host, bearer_token=options.bearer_token, idle_timeout_s=options.idle_timeout_s, **deployment,
+        host=options.host, bearer_token=bearer_token, idle_timeout_s=options.idle_timeout_s,
+        insecure_no_token=options.insecure_no_token, **deployment,
     ).replace(registry_url=options.registry_url, advertise_host=options.advertise_host)  # fmt: skip
 
 
-def launcher_main(argv: Sequence[str] | None = None) -> int:
-    """`start|stop|status` for the servers under --state-dir; prints JSON. Returns the exit code."""
+def launcher_main(argv: Sequence[str] | None = None, bearer_token: str | None = None) -> int:
+    """`start|stop|status` for the servers under --state-dir; prints JSON. Returns the exit code.
+    ``bearer_token``: the servers' token (the CLI passes $IMGPIPE_GPU_TOKEN)."""
     parser = argparse.ArgumentParser(
         prog="imgpipe gpu-server", description="Manage the per-GPU inference servers."
     )
@@ -572,19 +619,24 @@ def launcher_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     _server_options(parser)
     options = parser.parse_args(argv)
+    if options.token_flag is not None:
+        print("imgpipe: --token is not taken (a command line shows in `ps`): set IMGPIPE_GPU_TOKEN instead",
+              file=sys.stderr)  # fmt: skip
+        return 2
     settings = None
     if options.action == "start":
         if not options.model_path:
             parser.error("start needs --model PATH")
-        settings = settings_from_options(options)
-    launcher = GpuServerLauncher(options.state_dir, settings, startup_timeout_s=options.startup_timeout)
+        settings = settings_from_options(options, bearer_token)
+    launcher = GpuServerLauncher(options.state_dir, settings, startup_timeout_s=options.startup_timeout,
+                                 token=bearer_token)  # fmt: skip
     if options.action == "start":
         devices = options.devices.split(",") if options.devices else None
         try:
             endpoints = launcher.ensure(devices, base_port=options.base_port)
         except ServerStartError as error:
-            print(str(error), file=sys.stderr)
-            return 1
+            print(f"imgpipe: {error}", file=sys.stderr)
+            return 2
         print(json.dumps([{**endpoint.__dict__, "reused": endpoint.reused} for endpoint in endpoints], indent=2))
     elif options.action == "stop":
         print(json.dumps({"stopped_ports": launcher.stop()}))

@@ -78,6 +78,8 @@ def parse_chat_request(body: bytes) -> tuple[bytes, str, str | None]:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ChatRequestError(f"body is not JSON: {error}") from None
+    except RecursionError:  # a body of many '[' must be a 400, like the native API's header (wire.py)
+        raise ChatRequestError("body is JSON nested too deep") from None
     if not isinstance(document, dict) or not isinstance(document.get("messages"), list):
         raise ChatRequestError("body must be an object with a 'messages' list")
     if document.get("stream"):

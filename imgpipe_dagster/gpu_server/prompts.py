@@ -46,7 +46,9 @@ def load_prompt(name: str = DEFAULT_PROMPT, directory: str | None = None) -> Pro
         raise UnknownPromptError(f"bad prompt name {name!r}")
     path = Path(directory or prompts_dir()) / f"{name}.txt"
     if not path.is_file():
-        raise UnknownPromptError(f"unknown prompt {name!r} (no {path})")
+        # the message reaches HTTP clients: name the prompts there are, never the server's folders
+        known = ", ".join(available_prompts(directory)) or "none"
+        raise UnknownPromptError(f"unknown prompt {name!r} (this server has: {known})")
     text = path.read_text(encoding="utf-8").strip()
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
     return Prompt(name=name, text=text, version=f"{name}@{digest}")

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from imgpipe_dagster.fetch.settings import FetchSettings
 
 
 class SettingsError(ValueError):
@@ -73,6 +77,9 @@ class ModelSettings:
     # servers and the pipeline share a few cores; one thread each avoids OpenMP spin-waits that made
     # a tiny model 4-5x slower on a loaded 2-core machine. Raise it for a real model on a large CPU.
     cpu_threads: int = 1
+    # new: most pixels of an image the server decodes, read from its header first (an image above it
+    # fails alone). The fetcher's cap: a client that skips the fetch stage meets the same limit.
+    max_source_pixels: int = FetchSettings.max_image_pixels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,10 +123,20 @@ class ServerSettings:
     advertise_host: str | None = None
     # new: seconds between two heartbeats in the registry.
     registry_heartbeat_s: float = 5.0
+    # new: seconds a client may take to send a request's headers, then its body; a slower one is
+    # disconnected (half-open and slowloris connections must not pile up).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 120.0
+    # new: most open client connections; one more is closed at once. The server lowers it below its
+    # open-file limit so that the model's files, logs and /health always find a descriptor.
+    max_connections: int = 1000
+    # new: allow a non-loopback host without bearer_token (a trusted private network only).
+    insecure_no_token: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_inference_batch_size", "max_batch_images", "max_inference_queue_size",
-                     "max_concurrent_generations", "max_request_images", "max_request_bytes"):  # fmt: skip
+                     "max_concurrent_generations", "max_request_images", "max_request_bytes",
+                     "max_connections"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_timeout < 0:
@@ -130,6 +147,18 @@ class ServerSettings:
             raise SettingsError(f"registry_heartbeat_s must be > 0, got {self.registry_heartbeat_s}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be in 0..65535, got {self.port}")
+        if min(self.header_timeout_s, self.body_timeout_s) <= 0:
+            raise SettingsError("header_timeout_s and body_timeout_s must be > 0")
+        if self.model.max_source_pixels < 1:
+            raise SettingsError("model.max_source_pixels must be >= 1")
+
+    def exposure_problem(self) -> str | None:
+        """Why these settings must not start a server (reachable from other hosts with no token), or None."""
+        if self.bearer_token or self.insecure_no_token or _is_loopback(self.host):
+            return None
+        return (f"refusing to listen on {self.host} without a bearer token: anyone who reaches it could use "
+                f"the GPU and read its settings; set IMGPIPE_GPU_TOKEN, or pass --insecure-no-token "
+                f"on a trusted private network")  # fmt: skip
 
     @property
     def request_image_cap(self) -> int:
@@ -174,8 +203,8 @@ class ServerSettings:
 # Fields that describe where a server listens, who may call it or where it announces itself, not what
 # it runs: left out of the settings hash and of the comparison between a running server and a run's
 # wanted settings.
-PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token", "registry_url", "advertise_host",
-                              "registry_heartbeat_s"})
+PLACEMENT_FIELDS = frozenset({"host", "port", "bearer_token", "insecure_no_token", "registry_url",
+                              "advertise_host", "registry_heartbeat_s"})
 # Fields a running server takes over without a restart (POST /v1/settings): batching, queue sizes
 # and generation length. Everything else (model, device, dtype flags, compile switches) needs a new process.
 LIVE_FIELDS = frozenset({
@@ -183,6 +212,28 @@ LIVE_FIELDS = frozenset({
     "batch_wait_timeout", "gen_time_default_est", "max_batch_images", "max_request_images",
     "max_request_bytes", "model.max_new_tokens", "model.clear_cache_every_n_requests",
 })  # fmt: skip
+
+
+def model_path_problem(model_path: str) -> str | None:
+    """Why ``model_path`` cannot be a model (missing, or a folder without config.json), or None. A
+    name like ``Qwen/Qwen2-VL-2B-Instruct`` may be a model in the local Hugging Face cache: left to the loader."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"model path {model_path} is not a model folder (no config.json)"
+    if path.exists():
+        return f"model path {model_path} is a file, not a model folder"
+    if path.is_absolute() or model_path.startswith((".", "~")) or model_path.count("/") != 1:
+        return f"model path {model_path} does not exist"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
 
 
 def _flat(settings: ServerSettings) -> dict[str, Any]:

@@ -51,6 +51,9 @@ def decode_request(body: bytes) -> AnalyzeRequest:
         header = json.loads(body[_HEADER_LENGTH.size : header_end])
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FramingError(f"header is not JSON: {error}") from error
+    except RecursionError:
+        # the stdlib parser recurses once per bracket: a megabyte of `[` would otherwise be a 500
+        raise FramingError("header is JSON nested too deep") from None
     if not isinstance(header, dict):
         raise FramingError("header must be a JSON object")
     prompt = header.get("prompt")

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, Failure, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from imgpipe_dagster.environment import (
@@ -20,7 +20,7 @@ from imgpipe_dagster.environment import (
 from imgpipe_dagster.gpu_server.client import GpuClient
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
 from imgpipe_dagster.gpu_server.health import HealthUnavailable, fetch_health
-from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
+from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher, ServerStartError
 from imgpipe_dagster.gpu_server.openai_client import OpenAIClient, openai_base_url
 from imgpipe_dagster.gpu_server.registration import model_name
 from imgpipe_dagster.gpu_server.settings import ServerSettings
@@ -142,10 +142,14 @@ class GpuModelResource(ConfigurableResource):
             urls = list(self.endpoints)
             if self.api == "native":
                 for url in urls:
-                    _report_health(report, url)
+                    _report_health(report, url, self.bearer_token())
         else:
             launcher = self.launcher(profile, registry_url)
-            endpoints = launcher.ensure(self.devices, base_port=self.base_port)
+            try:
+                endpoints = launcher.ensure(self.devices, base_port=self.base_port)
+            except ServerStartError as error:
+                # the run's failure message is the one line that says why, not the stack below it
+                raise Failure(description=f"GPU servers did not start: {error}", allow_retries=False) from None
             self._managed = (launcher, endpoints)
             for endpoint in endpoints:
                 report.info(endpoint.describe())
@@ -197,9 +201,9 @@ class GpuModelResource(ConfigurableResource):
         return ServerWatchdog(launcher, endpoints, report.warning)
 
 
-def _report_health(report, url: str) -> None:
+def _report_health(report, url: str, token: str | None) -> None:
     try:
-        health = fetch_health(url, 5.0)
+        health = fetch_health(url, 5.0, token=token)
         report.info(f"GPU server {url}: {health.status}, queue {health.queue_size}, "
                     f"settings {health.settings_hash or 'not reported'} (external: not changed by runs)")  # fmt: skip
     except HealthUnavailable as exc:

@@ -119,7 +119,8 @@ def gpu_health(gpu_model: GpuModelResource, timeout_s: float, registry_url: str 
     urls = discover_endpoints(gpu_model.endpoints if gpu_model.mode == "external" else (),
                               managed=gpu_model.mode == "managed", registry_url=registry_url)  # fmt: skip
     openai = gpu_model.api == "openai"  # servers without /health (vLLM…) are up when they list models
-    return probe_all(urls, timeout_s, gpu_model.api_key or gpu_model.bearer_token(), openai)
+    return probe_all(urls, timeout_s, token=gpu_model.bearer_token(),
+                     openai_key=gpu_model.api_key or gpu_model.bearer_token(), openai=openai)  # fmt: skip
 
 
 def shard_run_request(

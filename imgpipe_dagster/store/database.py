@@ -54,11 +54,23 @@ def resolve_database_url(start_embedded: bool = True) -> str:
     """The project's database URL: IMGPIPE_DATABASE_URL, else the embedded server's."""
     configured = read_environment().database_url
     if configured:
-        return configured
+        return checked_url(configured, DATABASE_URL_ENV)
     if not start_embedded:
         raise ConfigurationError(f"{DATABASE_URL_ENV} is unset and the embedded server was not started")
     server_url = embedded_server().start()
     return with_database(server_url, DEFAULT_DATABASE)
+
+
+def checked_url(url: str, variable: str) -> str:
+    """``url`` when it is a PostgreSQL URL, else ConfigurationError naming ``variable`` (never the
+    value: it may hold a password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):  # (no host is fine: libpq then takes its socket)
+        raise ConfigurationError(
+            f"{variable} is not a PostgreSQL URL: write it as postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+            f"(unset it to use the embedded server)"
+        )
+    return url
 
 
 def dagster_database_url(url: str) -> str:
@@ -68,6 +80,9 @@ def dagster_database_url(url: str) -> str:
 def connect(url: str, **kwargs) -> psycopg.Connection:
     try:
         return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, **kwargs)
+    except psycopg.ProgrammingError:  # conninfo that psycopg cannot even parse
+        # not echoed: a conninfo string spells its password as password=...
+        raise ConfigurationError(f"the database address is not a PostgreSQL URL; check {DATABASE_URL_ENV}") from None
     except psycopg.OperationalError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ConfigurationError(

@@ -12,12 +12,15 @@ from imgpipe_dagster.gpu_server.health import HealthUnavailable, ServerHealth, f
 from imgpipe_dagster.throttle.decide import GpuHealth
 
 
-def probe_one(url: str, timeout_s: float, openai_key: str | None = None, openai: bool = False) -> GpuHealth:
-    """The server's /health; with ``openai``, a server without one (vLLM, SGLang…) that lists its
+def probe_one(
+    url: str, timeout_s: float, token: str | None = None, openai_key: str | None = None, openai: bool = False
+) -> GpuHealth:
+    """The server's /health (``token``: the servers' bearer token; without it a guarded server shows no
+    queue capacity or memory); with ``openai``, a server without one (vLLM, SGLang…) that lists its
     models at ``{base}/models`` counts as ready."""
     base = url.rstrip("/")
     try:
-        health = fetch_health(base, timeout_s, connect_timeout_s=0.5)
+        health = fetch_health(base, timeout_s, connect_timeout_s=0.5, token=token)
     except HealthUnavailable as error:
         if openai and models_listed(base, timeout_s, openai_key):
             return GpuHealth(url=base, reachable=True, status="ready")
@@ -48,9 +51,13 @@ def gpu_health_of(url: str, health: ServerHealth) -> GpuHealth:
 
 
 def probe_all(
-    urls: Sequence[str], timeout_s: float = 1.0, openai_key: str | None = None, openai: bool = False
+    urls: Sequence[str],
+    timeout_s: float = 1.0,
+    token: str | None = None,
+    openai_key: str | None = None,
+    openai: bool = False,
 ) -> tuple[GpuHealth, ...]:
     if not urls:
         return ()
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        return tuple(pool.map(lambda url: probe_one(url, timeout_s, openai_key, openai), urls))
+        return tuple(pool.map(lambda url: probe_one(url, timeout_s, token, openai_key, openai), urls))

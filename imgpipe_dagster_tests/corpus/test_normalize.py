@@ -42,6 +42,8 @@ def test_normal_form(raw: str, normal: str):
         ("https://", "missing_host"),
         ("https://exa mple.com/a.jpg", "invalid_host"),
         ("https://a..b/a.jpg", "invalid_host"),
+        ("https://" + "a" * 64 + ".example.com/a.jpg", "invalid_host"),  # a DNS label holds 63 at most
+        ("https://" + "abcdefgh." * 30 + "com/a.jpg", "invalid_host"),  # a name 253
         ("https://example.com:99999/a.jpg", "invalid_port"),
         ("https://example.com:abc/a.jpg", "invalid_port"),
         ("https://example.com/a\x00.jpg", "control_characters"),
@@ -61,6 +63,8 @@ def test_batch_matches_one_at_a_time():
         "https://example.com/a.jpg", "HTTPS://EXAMPLE.com/b.jpg", "https://example.com/c.jpg#x", "ftp://x/y",
         "https://u:p@example.com/", "https://example.com/😀", None, "", "https://bücher.de/x",
         "https://example.com:443/d.jpg", "http://example.com/\x7f",
+        "https://" + "a" * 64 + ".example.com/e.jpg", "https://" + "abcdefgh." * 30 + "com/f.jpg",
+        "https://" + "abcdefgh." * 27 + "com/g.jpg",  # 246 characters: fine
     ]
     batch = normalise_batch(pa.array(raw, pa.string()))
     for value, got, code in zip(raw, batch.urls.to_pylist(), batch.reasons, strict=True):

@@ -189,6 +189,9 @@ def test_non_http_schemes_and_hostless_urls_are_invalid() -> None:
         "http:///a.jpg",
         "not a url",
         "",
+        # DNS caps labels at 63 and names at 253 characters: such a host never resolves, retrying is futile
+        "http://" + "a" * 64 + ".example.com/a.jpg",
+        "http://" + "abcdefgh." * 30 + "com/a.jpg",
     ]
     results = fetch_all(production_settings(), urls)
     assert [r.error.error_class for r in results if r.error] == [ErrorClass.INVALID_URL] * len(urls)

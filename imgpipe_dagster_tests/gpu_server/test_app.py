@@ -82,7 +82,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def health(url: str) -> dict:
-    return httpx.get(f"{url}/health", timeout=30).json()
+    """The whole /health document (the token shows it all)."""
+    return httpx.get(f"{url}/health", headers=AUTH, timeout=30).json()
 
 
 def health_until(url: str, wanted, why: str) -> dict:
@@ -247,14 +248,20 @@ def test_metrics_are_prometheus_text_with_conventional_names(server: Server) -> 
         assert name in text
 
 
-def test_bearer_token_guards_analyze_and_metrics_but_not_health(server: Server) -> None:
+def test_bearer_token_guards_analyze_and_metrics_and_health_shows_only_liveness_without_it(
+    server: Server,
+) -> None:
     assert post_images(server.url, [jpeg("red")], headers={}).status_code == 401
     assert (
         post_images(server.url, [jpeg("red")], headers={"Authorization": "Bearer wrong"}).status_code == 401
     )
     assert httpx.get(f"{server.url}/metrics", timeout=30).status_code == 401
     report = httpx.get(f"{server.url}/health", timeout=30)
-    assert report.status_code == 200 and report.json()["auth_required"] is True
+    assert report.status_code == 200
+    # the legacy fields and liveness, nothing about the process, its files or its settings
+    assert report.json() == {"workers": server.settings.max_concurrent_generations, "queue_size": 0,
+                             "status": "ready", "auth_required": True}  # fmt: skip
+    assert httpx.get(f"{server.url}/health", headers={"Authorization": "Bearer wrong"}, timeout=30).json() == report.json()
     assert_still_serving(server.url)
 
 

@@ -50,7 +50,7 @@ def test_one_server_per_device_started_once_reused_restarted_and_stopped(launche
     assert [endpoint.pid for endpoint in first] == [endpoint.pid for endpoint in second]
     assert sorted([first[0].action, second[0].action]) == ["reused", "started"]
     for endpoint in first:
-        report = httpx.get(f"{endpoint.url}/health", timeout=30).json()
+        report = httpx.get(f"{endpoint.url}/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
         assert (
             report["status"] == "ready" and report["pid"] == endpoint.pid and report["port"] == endpoint.port
         )
@@ -88,8 +88,22 @@ def test_a_server_that_cannot_load_its_model_is_reported_with_its_log(tmp_path: 
     launcher = GpuServerLauncher(tmp_path / "state", settings, startup_timeout_s=120)
     with pytest.raises(ServerStartError) as failure:
         launcher.ensure(["cpu"], base_port=0)
-    assert "no-model-here" in str(failure.value)
+    assert "no-model-here" in str(failure.value) and "\n" not in str(failure.value)
     assert all(not entry["alive"] for entry in launcher.status())
+
+
+def test_a_model_that_fails_to_load_is_reported_in_one_line_that_names_the_log(tmp_path: Path) -> None:
+    folder = tmp_path / "half-a-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # looks like a model folder; the server finds out it is not
+    launcher = GpuServerLauncher(tmp_path / "state", medium_server_settings(str(folder)), startup_timeout_s=120)
+    with pytest.raises(ServerStartError) as failure:
+        launcher.ensure(["cpu"], base_port=0)
+    message = str(failure.value)
+    # the launcher may see the failed status or, when the server has already left, its last own line
+    assert "\n" not in message and ("is failed: " in message or "model failed to load: " in message), message
+    assert "server log: " in message
+    assert "Traceback" in failure.value.log_tail  # the detail stays available, out of the message
 
 
 def test_command_line_status_and_stop_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,11 +145,12 @@ def test_command_line_start_takes_a_profile_and_field_flags(
     state_dir = str(tmp_path / "state")
     argv = ["start", "--state-dir", state_dir, "--model", str(tiny_model_dir), "--devices", "cpu",
             "--base-port", "0", "--profile", "conservative", "--max-new-tokens", "2",
-            "--max-batch-images", "64", "--token", TOKEN, "--startup-timeout", "120"]  # fmt: skip
+            "--max-batch-images", "64", "--startup-timeout", "120"]  # fmt: skip
     try:
-        assert launcher_main(argv) == 0
+        assert launcher_main(argv, bearer_token=TOKEN) == 0  # the CLI passes $IMGPIPE_GPU_TOKEN
         (endpoint,) = json.loads(capsys.readouterr().out)
-        settings = httpx.get(f"{endpoint['url']}/health", timeout=30).json()["settings"]
+        settings = httpx.get(f"{endpoint['url']}/health", headers={"Authorization": f"Bearer {TOKEN}"},
+                             timeout=30).json()["settings"]  # fmt: skip
         assert settings["max_inference_queue_size"] == 500  # conservative
         assert settings["max_batch_images"] == 64 and settings["model"]["max_new_tokens"] == 2
         assert TOKEN not in " ".join(psutil.Process(endpoint["pid"]).cmdline())

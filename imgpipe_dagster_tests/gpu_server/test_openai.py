@@ -18,6 +18,7 @@ import pytest
 
 from imgpipe_dagster.gpu_server.client import RequestRejected, ServerBusy, ServerTimeout
 from imgpipe_dagster.gpu_server.launcher import Endpoint, GpuServerLauncher
+from imgpipe_dagster.gpu_server.openai_api import ChatRequestError, parse_chat_request
 from imgpipe_dagster.gpu_server.openai_client import OpenAIClient, chat_request, openai_base_url
 from imgpipe_dagster.gpu_server.prompts import load_prompt
 from imgpipe_dagster.settings_map import medium_server_settings
@@ -101,6 +102,11 @@ def test_client_against_the_projects_server_gives_native_shaped_results(server: 
         assert isinstance(result.text, str) and result.generated_tokens > 0 and result.prompt_tokens > 0
         assert result.prompt_version == load_prompt("analysis_v1").version
         assert result.model and result.timings["inference_ms"] > 0
+
+
+def test_a_body_nested_too_deep_is_a_request_error_not_a_crash() -> None:
+    with pytest.raises(ChatRequestError, match="nested too deep"):
+        parse_chat_request(b"[" * 200_000)
 
 
 def test_base_urls_get_v1_only_when_they_have_no_path() -> None:

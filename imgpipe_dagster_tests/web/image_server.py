@@ -553,6 +553,25 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def rgb_png_bomb(width: int, height: int) -> bytes:
+    """A valid black RGB PNG of width x height packed as tightly as zlib can (about 340 px/byte).
+
+    Unlike the 1-bit ``png_bomb`` its density stays under 1,000 px/byte: the kind of bomb a decoder
+    that only trusts pixels per byte would take for a merely large image.
+    """
+    row = bytes(1 + 3 * width)  # filter byte, then three zero bytes a pixel
+    rows_per_block = max(1, (1 << 20) // len(row))
+    whole_blocks, leftover_rows = divmod(height, rows_per_block)
+    block, leftover = row * rows_per_block, row * leftover_rows
+    checksum = zlib.adler32(b"")
+    for _ in range(whole_blocks):
+        checksum = zlib.adler32(block, checksum)
+    checksum = zlib.adler32(leftover, checksum)
+    idat = b"\x78\xda" + _repeated_deflate(b"", block, whole_blocks, leftover) + struct.pack(">I", checksum)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
 class Meter:
     """Requests and connections counted across one or many servers (pass one Meter to several)."""
 
