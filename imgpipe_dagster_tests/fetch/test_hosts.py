@@ -155,6 +155,21 @@ def test_a_503_pauses_the_host_and_the_url_keeps_its_own_retryable_class() -> No
                for r in results if deferred(r))  # fmt: skip
 
 
+def test_a_long_queue_at_a_host_that_keeps_answering_is_never_deferred() -> None:
+    # one host, its rate the limit: the last URLs wait seconds behind it, far past host_queue_wait_s,
+    # yet no other host needs the room, so deferring them would only idle the run (the demo's case)
+    settings = fault_test_settings(per_host_limit=4, per_host_requests_per_s=10.0, host_queue_wait_s=0.5)
+    with ImageServer(loopback_address(60)) as server:
+        items = [(i, server.image_url("rocket", "jpg", width=64, n=i)) for i in range(30)]
+
+        async def scenario():
+            async with ImageFetcher(settings) as fetcher:
+                return await fetch_all(fetcher, items)
+
+        results = asyncio.run(scenario())
+    assert all(r.ok for r in results), classes(results)
+
+
 def test_one_hanging_host_does_not_hold_the_others_back() -> None:
     # sixteen slots, a look-ahead of 32, eight per host; the hanging host's first request waits 20 s.
     # Its URLs fill the look-ahead; once it has finished nothing for 5 s, the hanging host's URL in
