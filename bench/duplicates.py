@@ -33,10 +33,9 @@ from bench_db import fresh_database  # noqa: E402
 from web_hosts import keep_alive, response  # noqa: E402
 
 from imgpipe_dagster.engine.runner import ShardRunner  # noqa: E402
-from imgpipe_dagster.fetch.settings import FetchSettings  # noqa: E402
 from imgpipe_dagster.gpu_server import wire  # noqa: E402
 from imgpipe_dagster.profiles import resolve  # noqa: E402
-from imgpipe_dagster.settings_map import engine_settings  # noqa: E402
+from imgpipe_dagster.settings_map import engine_settings, medium_fetch_settings  # noqa: E402
 from imgpipe_dagster.store import database as db  # noqa: E402
 from imgpipe_dagster_tests.support import seed_corpus  # noqa: E402
 from imgpipe_dagster_tests.web.image_server import ImageServer, photo_names  # noqa: E402
@@ -111,7 +110,7 @@ def corpus_images(server: ImageServer, urls: int, duplicate_share: float, seed: 
 def run_pass(database_url: str, shard: str, urls: list[str], gpu: GpuStandIn, reuse: bool) -> dict:
     worker, _ = resolve("medium", {"images_per_request": 8, "chunk_size": 100})
     # one loopback host serves every URL: its politeness rate would be what is measured otherwise
-    fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=16,
+    fetch = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=16,
                           per_host_requests_per_s=1e6)  # fmt: skip
     images_before, requests_before = gpu.images, gpu.requests
     runner = ShardRunner(database_url, f"bench-{uuid.uuid4().hex[:6]}", [shard], engine_settings(worker, fetch),

@@ -57,10 +57,11 @@ def _children_cpu_s() -> float:
 
 
 def run_imgpipe(urls_file: Path, concurrency: int, threads: int) -> dict:
-    from imgpipe_dagster.fetch import FetchSettings, ImageFetcher
+    from imgpipe_dagster.fetch import ImageFetcher
+    from imgpipe_dagster.settings_map import medium_fetch_settings
 
     urls = urls_file.read_text().split()
-    settings = FetchSettings(
+    settings = medium_fetch_settings(
         allowed_networks=["127.0.0.0/8"],
         prefetch_concurrent_downloads=concurrency,
         prefetch_queue_size=2 * concurrency,

@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imgpipe_dagster.engine.image_store import ImageStore  # noqa: E402
 from imgpipe_dagster.fetch import ImageFetcher  # noqa: E402
-from imgpipe_dagster.fetch.settings import FetchSettings  # noqa: E402
+from imgpipe_dagster.settings_map import medium_fetch_settings  # noqa: E402
 from imgpipe_dagster_tests.web.image_server import ImageServer, good_photo_urls  # noqa: E402
 
 
 async def store_all(urls: list[str], base: Path) -> tuple[int, int, int]:
     """(samples stored, bytes of the images, bytes of the downloads)."""
     store = ImageStore(base, "bench")
-    settings = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=16,
+    settings = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=16,
                              per_host_requests_per_s=1e6)  # fmt: skip
     image_bytes = download_bytes = 0
     async with ImageFetcher(settings) as fetcher:

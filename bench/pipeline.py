@@ -77,11 +77,15 @@ def bench_writer(url: str, rows: int, chunk: int) -> None:
 
 def bench_end_to_end(url: str, n_urls: int, devices: list[str]) -> None:
     from imgpipe_dagster.engine.runner import ShardRunner
-    from imgpipe_dagster.fetch.settings import FetchSettings
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
     from imgpipe_dagster.gpu_server.tiny_model import build_tiny_model
     from imgpipe_dagster.profiles import resolve
-    from imgpipe_dagster.settings_map import engine_settings, model_settings, server_settings
+    from imgpipe_dagster.settings_map import (
+        engine_settings,
+        medium_fetch_settings,
+        model_settings,
+        server_settings,
+    )
     from imgpipe_dagster_tests.web.image_server import ImageServer, photo_names
 
     state = Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
@@ -97,7 +101,7 @@ def bench_end_to_end(url: str, n_urls: int, devices: list[str]) -> None:
             seed(conn, "e2e", urls)
             # one loopback host serves every URL: the per-host request rate (politeness) would be the
             # bottleneck measured, so it does not apply here
-            fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=16,
+            fetch = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=16,
                                   per_host_requests_per_s=1e6)  # fmt: skip
             runner = ShardRunner(url, f"bench-{uuid.uuid4().hex[:6]}", ["e2e"], engine_settings(worker, fetch),
                                  endpoints, progress=lambda line, summary: None)  # fmt: skip

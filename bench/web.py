@@ -1,7 +1,7 @@
 """The pipeline against a realistic web on loopback, beside a fast web, for each profile, in one run.
 
     python bench/web.py [--urls 2000] [--hosts 32] [--profiles conservative,medium,aggressive]
-                        [--webs fast,realistic,latency] [--seed 7]
+                        [--webs fast,realistic,latency] [--latency-urls 6000] [--latency-hosts 128] [--seed 7]
 
 Each (profile, web) gets a scratch database on the embedded PostgreSQL (or IMGPIPE_DATABASE_URL): a
 URL file is ingested (the real ingest), the shard is materialized by a real Dagster run of
@@ -16,9 +16,11 @@ The webs (seeded; bench/web_hosts.py documents the host kinds). Hosts are 127.0.
                (429 with Retry-After 2 s for 30% of requests); 6% of the URLs on answering hosts are 404s;
                30% of one host's URLs are under /private/, which its robots.txt disallows.
                With more hosts the same shares apply.
-    latency    every image after 1 s, nothing fails (latency hiding alone)
+    latency    every image after 1 s, nothing fails (latency hiding alone): --latency-urls over
+               --latency-hosts, so that 700+ downloads may be in flight within the per-host cap of 8
 
-One JSON line per figure: images/s and URLs finalised/s per web, realistic/fast ratios, downloads in
+One JSON line per figure: images/s and URLs finalised/s per web (over the whole run, and up to the
+moment 90% of what the run finalised was final: the bulk without the tail), realistic/fast ratios, downloads in
 flight (mean / peak), slot seconds by outcome kind, the tail after the first pass (seconds from the
 last fresh URL's outcome to the end of the run, and images sent to the GPU tier in it), CPU used
 (process CPU seconds / wall: 2.0 = both cores of this machine) and peak RSS of the process running
@@ -146,6 +148,7 @@ def run_one(server_url: str, profile: str, web: str, urls: list[str], state: Pat
         process = psutil.Process()
         cpu_before = sum(process.cpu_times()[:2])
         with ResourceSampler() as sampler:
+            started_epoch = time.time()
             started = time.perf_counter()
             result = materialize([image_analysis], instance=instance, resources=resources,
                                  run_config=profile_run_config(profile), partition_key=shards[0],
@@ -155,10 +158,16 @@ def run_one(server_url: str, profile: str, web: str, urls: list[str], state: Pat
         with db.connect(database) as conn:
             report = verify(conn, shards)
             counts = dict(conn.execute("SELECT state::text, count(*) FROM corpus_urls GROUP BY 1").fetchall())
+            # seconds from the run's start until 90% of the URLs it finalised were final: the bulk of
+            # the work, without the tail a few slow or rate-limited hosts make on a corpus this small
+            bulk_s = conn.execute(
+                "SELECT extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY updated_at)) - %s"
+                " FROM corpus_urls WHERE state IN ('done', 'failed_permanent')", (started_epoch,)).fetchone()[0]  # fmt: skip
         metadata = {}
         for event in result.get_asset_materialization_events():
             metadata = {k: v.value for k, v in event.materialization.metadata.items()}
         return {"wall": wall, "cpu": cpu, "rss_peak": sampler.peak, "counts": counts, "success": result.success,
+                "bulk_s": float(bulk_s or wall),
                 "consistent": report.ok, "metadata": metadata}  # fmt: skip
     finally:
         db.drop_database(database)
@@ -173,13 +182,17 @@ def main() -> None:
     parser.add_argument("--urls", type=int, default=2000)
     parser.add_argument("--hosts", type=int, default=32)
     parser.add_argument("--profiles", default="conservative,medium,aggressive")
-    parser.add_argument("--webs", default="fast,realistic")
+    parser.add_argument("--webs", default="fast,realistic,latency")
+    parser.add_argument("--latency-urls", type=int, default=6000)
+    parser.add_argument("--latency-hosts", type=int, default=128)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="imgpipe-bench-web-"))
     os.environ["IMGPIPE_HOME"] = str(state / "home")  # the machine-wide download budget lives there
     webs = args.webs.split(",")
-    plans = {web: plan_web(web, args.hosts, args.urls) for web in webs}
+    sizes = {web: (args.latency_hosts, args.latency_urls) if web == "latency" else (args.hosts, args.urls)
+             for web in webs}  # fmt: skip
+    plans = {web: plan_web(web, *sizes[web]) for web in webs}
     plan_file = state / "plan.json"
     plan_file.write_text(json.dumps({"seed": args.seed, "hosts": [s for web in webs for s in plans[web][0]]}))
     server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("web_hosts.py")), str(plan_file)],
@@ -190,8 +203,11 @@ def main() -> None:
         from imgpipe_dagster.store import database as db
 
         server_url = os.environ.get("IMGPIPE_DATABASE_URL") or db.resolve_database_url()
+        # other work on the machine lowers the fast web's rate most (it is CPU-bound): say how busy it was
+        emit(figure="machine_load_before", load_1min=round(os.getloadavg()[0], 2), cpus=os.cpu_count())
+        table = []
         for profile in args.profiles.split(","):
-            rates = {}
+            rates, bulk_rates = {}, {}
             for web in webs:
                 urls = [f"http://{a}:{ports['hosts'][a]}{p}" for a, p in plans[web][1]]
                 run = run_one(server_url, profile, web, urls, state)
@@ -199,11 +215,15 @@ def main() -> None:
                 downloads = meta.get("downloads") or {}
                 final = counts.get("done", 0) + counts.get("failed_permanent", 0)
                 rates[web] = final / wall
-                common = {"profile": profile, "web": web, "urls": args.urls, "hosts": args.hosts}
+                hosts, n_urls = sizes[web]
+                common = {"profile": profile, "web": web, "urls": n_urls, "hosts": hosts}
                 emit(figure="images_per_s", value=round(counts.get("done", 0) / wall, 2), **common)
                 emit(figure="urls_finalised_per_s", value=round(rates[web], 2), wall_s=round(wall, 1),
-                     final=final, unfinished=args.urls - final, run_success=run["success"],
+                     final=final, unfinished=n_urls - final, run_success=run["success"],
                      consistent=run["consistent"], **common)  # fmt: skip
+                bulk_rates[web] = 0.9 * final / run["bulk_s"]
+                emit(figure="urls_finalised_per_s_first_90pct", value=round(bulk_rates[web], 2),
+                     seconds=round(run["bulk_s"], 1), **common)  # fmt: skip
                 emit(figure="downloads_in_flight", mean=downloads.get("in_flight_mean"),
                      peak=downloads.get("in_flight_peak"), limit_peak=downloads.get("in_flight_limit_peak"),
                      slot_seconds_per_url=downloads.get("slot_seconds_per_url"), **common)  # fmt: skip
@@ -213,10 +233,21 @@ def main() -> None:
                      waiting_for_retry=meta.get("urls_waiting_for_retry"), **common)  # fmt: skip
                 emit(figure="cpu_used", value=round(run["cpu"] / wall, 2), unit="cores of 2", **common)
                 emit(figure="rss_peak_mb", value=round(run["rss_peak"] / 2**20), **common)
+                table.append(f"{profile:13} {web:9} {rates[web]:8.1f} {final:6d}/{n_urls:<6d} {wall:6.1f} "
+                             f"{bulk_rates[web]:9.1f} {downloads.get('in_flight_peak') or 0:5d} "
+                             f"{run['rss_peak'] / 2**20:7.0f}")
             for web in webs:
                 if web != "fast" and "fast" in rates:
                     emit(figure=f"finalised_ratio_{web}_to_fast", value=round(rates[web] / rates["fast"], 3),
                          profile=profile)  # fmt: skip
+                    emit(figure=f"first_90pct_ratio_{web}_to_fast", value=round(bulk_rates[web] / bulk_rates["fast"], 3),
+                         profile=profile)  # fmt: skip
+                    table.append(f"{profile:13} {web + '/fast':19} ratio {rates[web] / rates['fast']:.2f}"
+                                 f" (first 90%: {bulk_rates[web] / bulk_rates['fast']:.2f})")
+        emit(figure="machine_load_after", load_1min=round(os.getloadavg()[0], 2), cpus=os.cpu_count())
+        print("\nprofile       web       final/s  final/URLs   wall  first-90%/s  peak in flight  RSS MB",
+              file=sys.stderr)
+        print("\n".join(table), file=sys.stderr)
     finally:
         server.stdin.close()
         server.wait(timeout=30)

@@ -19,7 +19,7 @@ import httpx
 from imgpipe_dagster.paths import gpu_server_records_dir, imgpipe_home
 
 DEMO_WIDTHS = (320, 640, 1024)
-DEMO_FORMATS = ("jpg", "png", "webp", "gif")
+DEMO_FORMATS = ("jpg", "png", "webp", "gif")  # every format the photo server renders
 # URLs that must fail, to show failure handling in the summary.
 DEMO_FAULTS = ("/fault/status/404", "/fault/html-as-jpeg", "/fault/truncated-jpeg")
 
@@ -53,31 +53,6 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60.0) 
     raise RuntimeError(f"the sample image server did not answer {url} within {timeout_s:.0f}s")
 
 
-# Runs the demo makes at most while URLs wait for a retry, and seconds it waits for them to come due.
-DEMO_RUNS = 4
-DEMO_DUE_WAIT_S = 90.0
-
-
-def _wait_until_due(url: str, shards: list[str]) -> bool:
-    """When URLs of ``shards`` wait for a retry, sleep until the first is due (bounded) and say so;
-    False when nothing is left to do."""
-    from datetime import UTC, datetime
-
-    from imgpipe_dagster.store import database as db
-    from imgpipe_dagster.store import work
-
-    with db.connect(url) as conn:
-        left = work.leftover(conn, shards)
-    if not left.unfinished:
-        return False
-    due_in = (left.next_due_at - datetime.now(UTC)).total_seconds() if left.next_due_at else 0.0
-    wait_s = min(max(due_in, 0.0) + 0.5, DEMO_DUE_WAIT_S)
-    print(f"    {left.unfinished} URLs wait for a retry or a deferred host; running again in {wait_s:.0f}s "
-          "(the throttle sensor does this in production)", flush=True)
-    time.sleep(wait_s)
-    return True
-
-
 def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     """Prints its steps and a summary; returns the exit status (1 when the Dagster run failed)."""
     from dagster import DagsterInstance
@@ -106,12 +81,14 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
 
     # Its own process: resizing photos on demand must not compete with the run for one GIL.
     image_server = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe_dagster._demo_photos", "--port", str(image_port)],
+        [sys.executable, "-m", "imgpipe_dagster._demo_photos", "--port", str(image_port),
+         "--render-widths", ",".join(map(str, DEMO_WIDTHS))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base_url = f"http://127.0.0.1:{image_port}"
     try:
-        wait_for_http(base_url + "/img/rocket.jpg?w=64", image_server)
+        # the server renders every sample photo before it listens (seconds, more on a busy machine)
+        wait_for_http(base_url + "/img/rocket.jpg?w=64", image_server, timeout_s=300.0)
         corpus_file = imgpipe_home() / "demo" / "sample_corpus.csv"
         n_urls = write_sample_corpus(corpus_file, base_url)
         instance = DagsterInstance.get()
@@ -129,18 +106,13 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
 
             job = defs.get_job_def("analyze_medium")
             print(f"4/5 running analyze_medium over {pending[0]}..{pending[-1]} (profile medium)", flush=True)
-            # A run leaves URLs whose retry (or whose deferred host) is not due yet to a later run; the
-            # throttle sensor would start one when they are due, and the demo does the same, a few times.
-            for attempt in range(1, DEMO_RUNS + 1):
-                result = job.execute_in_process(
-                    instance=instance,
-                    tags={"dagster/asset_partition_range_start": pending[0],
-                          "dagster/asset_partition_range_end": pending[-1], "imgpipe/launched_by": "imgpipe demo"},
-                    raise_on_error=False,
-                )  # fmt: skip
-                print(f"    run {result.run_id}: {'success' if result.success else 'FAILED'}", flush=True)
-                if not result.success or attempt == DEMO_RUNS or not _wait_until_due(url, pending):
-                    break
+            result = job.execute_in_process(
+                instance=instance,
+                tags={"dagster/asset_partition_range_start": pending[0],
+                      "dagster/asset_partition_range_end": pending[-1], "imgpipe/launched_by": "imgpipe demo"},
+                raise_on_error=False,
+            )  # fmt: skip
+            print(f"    run {result.run_id}: {'success' if result.success else 'FAILED'}", flush=True)
         else:
             print("4/5 nothing left to analyse (every sample URL already has its result)", flush=True)
             result = None

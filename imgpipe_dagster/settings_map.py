@@ -16,6 +16,7 @@ from a profile file (``profiles/medium.yaml`` unless named).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from imgpipe_dagster.engine.settings import EngineSettings, RunSettings
@@ -149,6 +150,12 @@ def profile_engine_settings(
     """A named profile's engine settings, with validated worker overrides."""
     worker, _ = resolve(profile, worker_overrides=worker_overrides)
     return engine_settings(worker, fetch)
+
+
+def medium_fetch_settings(**changes: Any) -> FetchSettings:
+    """Medium's download fields with FetchSettings' policy defaults; ``changes`` may set any field."""
+    worker, _ = resolve("medium")
+    return replace(fetch_settings(worker), **changes)
 
 
 def medium_model_settings(model_path: str, **changes: Any) -> ModelSettings:

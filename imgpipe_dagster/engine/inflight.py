@@ -52,8 +52,10 @@ class InFlightBounds:
     gpu_capacity_images_per_s: float = 0.0
     # the target rate is the GPU tier's rate times this
     headroom: float = 1.25
-    # factor a step grows the limit by while the GPU tier waits on downloads
-    growth: float = 1.25
+    # factor a step grows the limit by while the GPU tier waits on downloads, until an overload is
+    # seen (TCP's slow start doubles per round trip too): from the legacy 15 to 700 in six steps,
+    # where 1.25 took eighteen and a shard of a few thousand URLs was half done before the ramp was
+    growth: float = 2.0
     # successful downloads holding their slot this many times longer than unloaded mean overload
     overload_factor: float = 4.0
     # factor a step shrinks the limit by under overload

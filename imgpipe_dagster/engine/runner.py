@@ -411,7 +411,10 @@ class ShardRunner:
         while not ended:
             timeout = run.request_fill_wait_s if group else None
             try:
-                item = await asyncio.wait_for(self.images.get(), timeout)
+                # images already waiting are taken at once: wait_for runs get() as a task of its own,
+                # one loop turn per image, which at hundreds of downloads in flight held a GPU
+                # request's 32 images for seconds (bench/web.py)
+                item = self.images.get_nowait() if self.images.qsize() else await asyncio.wait_for(self.images.get(), timeout)
             except TimeoutError:
                 item = None
             if item is _END:

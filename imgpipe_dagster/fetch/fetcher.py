@@ -18,9 +18,11 @@ reserve their bytes from ``body_bytes_in_flight`` (each at most ``max_bytes``, c
 Content-Length, while streaming and after Content-Encoding), each decode thread holds at most
 ``max_image_pixels`` pixels, and queued results hold only the small resized image.
 
-The HTTP pool may open max(``connection_pool_size``, ``max_in_flight_ceiling``) connections, so it
-never caps the downloads in flight below ``max_in_flight``: a request never waits for a pooled
-connection while it holds a slot (``connection_pool_size`` bounds the idle keep-alive connections).
+Connections are pooled per origin (transport.py): a pool may open max(``connection_pool_size``,
+``max_in_flight_ceiling``) connections, so it never caps the downloads in flight below
+``max_in_flight`` (a request never waits for a pooled connection while it holds a slot); each keeps up
+to ``per_host_limit`` idle keep-alive connections, and idle pools beyond ``connection_pool_size``
+origins are closed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from imgpipe_dagster.fetch.decode import SNIFF_BYTES, decode_image, sniff_format
 from imgpipe_dagster.fetch.encoding import ACCEPT_ENCODING, BoundedBodyDecoder
 from imgpipe_dagster.fetch.errors import ErrorClass, FetchError
 from imgpipe_dagster.fetch.headers import parse_retry_after, robots_opt_out
-from imgpipe_dagster.fetch.hosts import HOST_FAILURES, Admission, HostBook, HostState
+from imgpipe_dagster.fetch.hosts import HOST_FAILURES, STALLED_ANSWERS, Admission, HostBook, HostState
 from imgpipe_dagster.fetch.resolver import Lookup, SafeResolver
 from imgpipe_dagster.fetch.robots import RobotsRules
 from imgpipe_dagster.fetch.settings import FetchSettings
@@ -204,8 +206,8 @@ class ImageFetcher:
     module docstring; everything runs on the event loop that opened the fetcher.
     """
 
-    def __init__(self, settings: FetchSettings | None = None, *, lookup: Lookup | None = None) -> None:
-        self.settings = settings or FetchSettings()
+    def __init__(self, settings: FetchSettings, *, lookup: Lookup | None = None) -> None:
+        self.settings = settings
         s = self.settings
         # ``lookup`` replaces the system resolver (tests map names to chosen addresses); the cache and
         # the address-safety check apply either way
@@ -245,13 +247,14 @@ class ImageFetcher:
 
     async def __aenter__(self) -> ImageFetcher:
         s = self.settings
-        limits = httpx.Limits(
+        limits = httpx.Limits(  # per origin (transport.py pools connections per origin)
             # never below the slots: a download must not wait for a connection while it holds one
             max_connections=max(s.connection_pool_size, s.max_in_flight_ceiling),
-            max_keepalive_connections=s.connection_pool_size if s.enable_keepalive else 0,
+            # the host gate lets at most per_host_limit requests in at once: that many stay warm
+            max_keepalive_connections=s.per_host_limit if s.enable_keepalive else 0,
             keepalive_expiry=30.0 if s.enable_keepalive else 0.0,
         )
-        self._transport = SafeTransport(self.resolver, limits=limits)
+        self._transport = SafeTransport(self.resolver, limits=limits, origins_kept=s.connection_pool_size)
         self._client = httpx.AsyncClient(
             transport=self._transport,
             # per-operation limits; the total deadline is enforced around the whole download
@@ -395,7 +398,7 @@ class ImageFetcher:
         finally:
             slot_s = time.perf_counter() - slot_started
             self._give_slot()
-            if progress.robots_unavailable:
+            if progress.robots_unavailable or (error is not None and error.error_class in STALLED_ANSWERS):
                 health = "failed"
             elif progress.answered:
                 health = "answered"
@@ -643,10 +646,14 @@ class ImageFetcher:
         room = asyncio.Event()
         pending = 0
 
-        async def one(key: Any, url: str) -> None:
+        async def one(key: Any, url: str, deferral: FetchError | None) -> None:
             nonlocal pending
             try:
-                await results.put(await self.fetch(url, key=key))
+                if deferral is not None:  # its stalled host cannot take it: no request, no slot
+                    result = self._failed(FetchResult(key=key, url=url, ok=False), deferral, 0.0)
+                else:
+                    result = await self.fetch(url, key=key)
+                await results.put(result)
             finally:
                 pending -= 1
                 room.set()
@@ -661,7 +668,11 @@ class ImageFetcher:
                         if item is None:
                             break
                         origin = _origin_of(item[1])
+                        deferral = None
                         while pending >= self._lookahead() and not self.hosts.would_defer(origin):
+                            deferral = self.hosts.stalled(origin)
+                            if deferral is not None:
+                                break
                             # a host hoarding the look-ahead gives up its newest URL (deferred) to
                             # another host's URL; then wait for a URL to finish, looking again now
                             # and then (a hanging host shows itself only as its requests age)
@@ -673,7 +684,7 @@ class ImageFetcher:
                             except TimeoutError:
                                 pass
                         pending += 1  # a URL its host defers at once passes even a full look-ahead
-                        group.create_task(one(*item))
+                        group.create_task(one(*item, deferral))
             except asyncio.CancelledError:
                 raise
             except BaseExceptionGroup as group_error:  # the input iterator failed

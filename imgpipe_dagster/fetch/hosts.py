@@ -7,17 +7,21 @@ fetcher's global slots while it waits. The gate admits in arrival order while th
   (slow start), and drops to 1 on a failure without an answer, so a dead or hanging host sees one
   request at a time;
 - **rate**: a token bucket of ``per_host_requests_per_s`` with a burst of ``per_host_limit``;
-- **breaker**: ``host_failures_to_open`` consecutive failures without an answer (connect refused or
-  timed out, DNS failure, no first byte) open it; the host's URLs then come back HOST_DEFERRED with
+- **breaker**: ``host_failures_to_open`` consecutive failures without a usable answer (connect
+  refused or timed out, DNS failure, no first byte, a body trickling under the minimum rate) open it; the host's URLs then come back HOST_DEFERRED with
   the seconds until the next probe. When that time comes, one request is the probe while the others
   wait for its outcome: an answer closes the breaker, a failure doubles the wait, and after
   ``host_probes_before_unreachable`` failed probes the host is unreachable (HOST_UNREACHABLE);
 - **pause**: a 429 or 503 pauses the whole host for its Retry-After (or ``host_pause_default_s``)
   and halves its window; URLs arriving meanwhile come back HOST_DEFERRED until the pause ends;
-- **queue length**: a URL expected to wait longer than ``host_queue_wait_s`` behind its host's queue
-  is deferred: on arrival, or when the fetcher's look-ahead is full and another host's URL needs the
-  room (:meth:`HostBook.make_room`), so one slow or hanging host cannot fill the look-ahead. The
-  estimate counts a request in flight as taking at least its age, so a hanging host shows at once.
+- **queue length**: only when the fetcher's look-ahead is full and another host's URL needs the room
+  (:meth:`HostBook.make_room`), the newest URL of a host whose queue would keep it waiting longer than
+  ``host_queue_wait_s`` is deferred, so one slow or hanging host cannot fill the look-ahead. A URL
+  arriving at a long queue simply waits there: with no other host asking for room (a corpus of one
+  site, the end of a shard) deferring it would only idle the run. The estimate counts a request in
+  flight as taking at least its age, so a hanging host shows at once. The one exception: while the
+  look-ahead is full, a URL in hand whose own host has finished nothing for ``host_queue_wait_s``
+  (:meth:`HostBook.stalled`) is deferred, since the URLs behind it in the input cannot be seen.
 
 State lives as long as the fetcher (one run); a host's entry is kept while it is remembered as
 broken or paused, and dropped when it is healthy and idle, so millions of hosts do not pile up.
@@ -46,6 +50,9 @@ HOST_FAILURES = frozenset(
         ErrorClass.TLS_ERROR,
     }
 )
+# failures after the host's headers that still say the host, not the URL, is unwell: a host whose
+# bodies trickle does it for every URL (each would hold a slot for the grace period, three times)
+STALLED_ANSWERS = frozenset({ErrorClass.TOO_SLOW})
 # answers by which a host asks to be left alone for a while
 SLOW_DOWN_STATUSES = frozenset({429, 503})
 # weight of the newest sample in a host's running mean request time
@@ -80,6 +87,7 @@ class HostState:
     blocked_until: float = 0.0  # breaker's next probe or a pause's end (loop time)
     mean_request_s: float = 0.0  # running mean of request time, to estimate queue waits
     active_started: list = field(default_factory=list)  # loop times the requests in flight began
+    progress_at: float = 0.0  # loop time a request of this host last ended, or it last became busy
     timer: asyncio.TimerHandle | None = None  # wakes the gate when a token or a probe is due
     robots: object = None  # the host's parsed robots.txt (see robots.py), once fetched
 
@@ -104,11 +112,17 @@ class HostBook:
             host = self._hosts[key] = HostState(key, tokens=float(self.settings.per_host_limit), tokens_at=now)
         return host
 
+    @staticmethod
+    def _busy(host: HostState) -> bool:
+        return bool(host.active or host.waiters)
+
     async def admit(self, key: str) -> Admission:
         """Wait for a slot of host ``key``; raises HOST_DEFERRED or HOST_UNREACHABLE instead of waiting."""
         host = self._state(key)
         loop = asyncio.get_running_loop()
-        self._refuse_early(host, loop.time(), queued=len(host.waiters))
+        self._refuse_early(host, loop.time())
+        if not self._busy(host):
+            host.progress_at = loop.time()  # the time a stalled host has finished nothing counts from here
         future: asyncio.Future[Admission] = loop.create_future()
         host.waiters.append(future)
         self._pump(host)
@@ -120,16 +134,13 @@ class HostBook:
             self._forget_if_idle(host)
             raise
 
-    def _refuse_early(self, host: HostState, now: float, queued: int) -> None:
-        """Deferral or failure decided without queueing (no request, no slot)."""
+    def _refuse_early(self, host: HostState, now: float) -> None:
+        """Deferral or failure decided without queueing (no request, no slot): the host is unreachable,
+        or blocked by its breaker or a pause. A long queue alone never refuses here (see make_room)."""
         if host.unreachable:
             raise _unreachable(host)
         if host.blocked_until > now:
             raise _deferred(host, host.blocked_until - now)
-        wait = self._expected_wait(host, queued)
-        if wait > self.settings.host_queue_wait_s:
-            self._forget_if_idle(host)
-            raise _deferred(host, max(wait, _MIN_QUEUE_DEFERRAL_S), why=f"{queued} URLs queued ahead")
 
     def make_room(self, for_key: str | None) -> bool:
         """The fetcher's look-ahead is full and a URL of host ``for_key`` is in hand: defer the newest
@@ -152,6 +163,21 @@ class HostBook:
                 return True
         return False
 
+    def stalled(self, key: str | None) -> FetchError | None:
+        """HOST_DEFERRED for a URL of host ``key`` in hand while the fetcher's look-ahead is full, when
+        that host holds URLs there, would keep this one waiting longer than ``host_queue_wait_s`` and
+        has finished no request for as long (a hanging host at the head of the input); else None.
+        A host that keeps finishing requests is never stalled, however long its queue."""
+        host = self._hosts.get(key) if key is not None else None
+        if host is None or not self._busy(host):
+            return None
+        limit = self.settings.host_queue_wait_s
+        idle_s = asyncio.get_running_loop().time() - host.progress_at
+        wait = self._expected_wait(host, len(host.waiters))
+        if idle_s <= limit or wait <= limit:
+            return None
+        return _deferred(host, max(wait, _MIN_QUEUE_DEFERRAL_S), why=f"nothing finished for {idle_s:.0f}s")
+
     def _expected_wait(self, host: HostState, queued: int) -> float:
         if queued == 0:
             return 0.0
@@ -172,9 +198,7 @@ class HostBook:
         host = self._hosts.get(key) if key is not None else None
         if host is None:
             return False
-        if host.unreachable or host.blocked_until > asyncio.get_running_loop().time():
-            return True
-        return self._expected_wait(host, len(host.waiters)) > self.settings.host_queue_wait_s
+        return host.unreachable or host.blocked_until > asyncio.get_running_loop().time()
 
     def _refill(self, host: HostState, now: float) -> None:
         rate = self.settings.per_host_requests_per_s
@@ -221,12 +245,10 @@ class HostBook:
         self._pump(host)
 
     def answered(self, admission: Admission, *, status: int, robots: bool = False) -> None:
-        """The host answered: it is alive, and an open breaker closes. An answer to the URL itself
-        (not robots.txt, not a 429/503) opens the window now, not when the body is done."""
+        """The host answered the URL's request (not robots.txt, not a 429/503): its window opens now,
+        not when the body is done. Its health is judged when the slot comes back (release): a body
+        that then trickles is no sign of health."""
         host = admission.host
-        host.consecutive_failures = 0
-        host.breaker_open = False
-        host.failed_probes = 0
         if robots or admission.answered or status in SLOW_DOWN_STATUSES:
             return
         admission.answered = True
@@ -241,15 +263,17 @@ class HostBook:
         failure: FetchError | None,
         elapsed_s: float | None = None,
     ) -> None:
-        """Hand a slot back with what the host did. ``health``: "answered" (any HTTP answer; a 429 or
-        503 in ``failure`` pauses the host), "failed" (no answer, or robots.txt unavailable: counts
-        toward the breaker) or "other" (neither, e.g. an address refused before connecting)."""
+        """Hand a slot back with what the host did. ``health``: "answered" (any HTTP answer: an open
+        breaker closes; a 429 or 503 in ``failure`` pauses the host), "failed" (no usable answer, or
+        robots.txt unavailable: counts toward the breaker) or "other" (neither, e.g. an address
+        refused before connecting)."""
         host = admission.host
         settings = self.settings
         loop = asyncio.get_running_loop()
         now = loop.time()
         host.active -= 1
         host.active_started.remove(admission.started_at)
+        host.progress_at = now
         if admission.probe:
             host.probing = False
         if elapsed_s is not None:
@@ -257,6 +281,9 @@ class HostBook:
             host.mean_request_s += weight * (elapsed_s - host.mean_request_s)
         status = failure.http_status if failure is not None else None
         if health == "answered":
+            host.consecutive_failures = 0
+            host.breaker_open = False
+            host.failed_probes = 0
             if status in SLOW_DOWN_STATUSES:
                 pause = failure.retry_after if failure.retry_after is not None else settings.host_pause_default_s
                 host.blocked_until = max(host.blocked_until, now + pause)

@@ -1,7 +1,9 @@
 """Settings of the fetch stage (download, address safety, decode and resize).
 
-Field names of legacy settings are the legacy ``.env`` names in snake_case; defaults are the legacy
-MEDIUM profile. The other fields are new and documented where they are declared.
+Field names of legacy settings are the legacy ``.env`` names in snake_case. They have no default here:
+profile values come only from ``profiles/<name>.yaml`` through ``imgpipe_dagster.settings_map``
+(``fetch_settings``, or ``medium_fetch_settings`` for tests and benchmarks). The other fields are new
+policy, with defaults documented where they are declared.
 """
 
 from __future__ import annotations
@@ -16,23 +18,24 @@ DEFAULT_USER_AGENT = "imgpipe-dagster/0.1 (image analysis; honours robots.txt an
 
 @dataclass
 class FetchSettings:
-    # legacy CONNECTION_POOL_SIZE: idle keep-alive connections kept for reuse. The pool's limit on
-    # open connections is max(this, max_in_flight_ceiling), so the pool never caps downloads in flight
-    # below max_in_flight (a download waiting for a pooled connection would hold a slot doing nothing)
-    connection_pool_size: int = 150
+    # legacy CONNECTION_POOL_SIZE: hosts whose idle keep-alive connections are kept for reuse (up to
+    # per_host_limit each; connections are pooled per host). A host's pool may open max(this,
+    # max_in_flight_ceiling) connections, so it never caps downloads in flight below max_in_flight
+    # (a download waiting for a pooled connection would hold a slot doing nothing)
+    connection_pool_size: int
     # legacy ENABLE_KEEPALIVE: reuse connections between downloads from the same host
-    enable_keepalive: bool = True
+    enable_keepalive: bool
     # legacy ENABLE_PREFETCH: download ahead of the consumer; off means one download at a time
-    enable_prefetch: bool = True
+    enable_prefetch: bool
     # legacy PREFETCH_QUEUE_SIZE: finished results waiting for the consumer (bounds memory)
-    prefetch_queue_size: int = 30
+    prefetch_queue_size: int
     # legacy PREFETCH_CONCURRENT_DOWNLOADS: downloads in flight when a fetcher starts
     # (ImageFetcher.max_in_flight starts here; the engine raises it at run time, up to the ceiling)
-    prefetch_concurrent_downloads: int = 15
+    prefetch_concurrent_downloads: int
     # legacy PREFETCH_DOWNLOAD_TIMEOUT: total seconds for one download, redirects and body included
-    prefetch_download_timeout: float = 10.0
+    prefetch_download_timeout: float
     # legacy IMAGE_RESIZE_THREADS: threads that decode and resize (Pillow releases the GIL)
-    image_resize_threads: int = 4
+    image_resize_threads: int
 
     # most bytes of one image, checked on Content-Length, while streaming and after Content-Encoding
     max_bytes: int = 20 * 1024 * 1024

@@ -5,6 +5,11 @@ through :class:`SafeResolver` (cache + address-safety check) and connects to the
 request URL is untouched, so the Host header and TLS SNI/certificate checks still use the hostname.
 No proxy is ever used (the transport is built with ``trust_env=False`` and no proxy), so an
 ``HTTP_PROXY`` in the environment cannot route around the check.
+
+Connections are pooled per origin (:class:`PoolPerOrigin`): httpcore's pool looks at every one of its
+connections, and for each idle one counts them all again, whenever a request starts or ends, so one
+pool holding the hundreds of connections of hundreds of downloads in flight spent most of the event
+loop's time there (measured on bench/web.py's realistic web: the loop lagged by over a second).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import select
 import socket
 import ssl
 import typing
+from collections import OrderedDict
+from collections.abc import Callable
 
 import httpcore
 import httpx
@@ -105,19 +112,84 @@ class SafeNetworkBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class SafeTransport(httpx.AsyncHTTPTransport):
-    """``httpx.AsyncHTTPTransport`` with :class:`SafeNetworkBackend` under its connection pool."""
+class PoolPerOrigin:
+    """One small httpcore pool per origin (scheme, host, port), so the pool's bookkeeping on every
+    request costs the connections of one host, not of every download in flight.
 
-    def __init__(self, resolver: SafeResolver, *, limits: httpx.Limits) -> None:
+    Pools of at most ``origins_kept`` origins stay open: past that, the least recently used pools
+    with nothing in flight are closed (their idle keep-alive connections with them), so millions of
+    hosts do not pile up open sockets.
+    """
+
+    def __init__(self, make_pool: Callable[[], httpcore.AsyncConnectionPool], origins_kept: int) -> None:
+        self._make_pool = make_pool
+        self._origins_kept = max(1, origins_kept)
+        self._pools: OrderedDict[tuple[bytes, bytes, int | None], httpcore.AsyncConnectionPool] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        origin = (request.url.scheme, request.url.host, request.url.port)
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = self._make_pool()
+            if len(self._pools) > self._origins_kept:
+                await self._close_idle_pools()
+        else:
+            self._pools.move_to_end(origin)
+        return await pool.handle_async_request(request)
+
+    async def _close_idle_pools(self) -> None:
+        """Close least recently used pools with nothing in flight until the count is back in bounds
+        (pools busy now stay, however many)."""
+        excess = len(self._pools) - self._origins_kept
+        idle = []
+        for origin, pool in self._pools.items():
+            if len(idle) >= excess:
+                break
+            # a connection that is connecting or carrying a request is not idle
+            if all(connection.is_idle() or connection.is_closed() for connection in pool.connections):
+                idle.append(origin)
+        for origin in idle:
+            await self._pools.pop(origin).aclose()
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        for pool in pools:
+            await pool.aclose()
+
+    async def __aenter__(self) -> PoolPerOrigin:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class SafeTransport(httpx.AsyncHTTPTransport):
+    """``httpx.AsyncHTTPTransport`` with :class:`SafeNetworkBackend` under per-origin connection pools.
+
+    ``limits.max_connections`` bounds the connections to one origin (the per-host gate bounds them
+    far lower); ``limits.max_keepalive_connections`` the idle ones kept per origin; ``origins_kept``
+    the origins whose pools stay open while idle.
+    """
+
+    def __init__(self, resolver: SafeResolver, *, limits: httpx.Limits, origins_kept: int = 1) -> None:
         super().__init__(limits=limits, trust_env=False, proxy=None)
-        # httpx does not expose httpcore's network_backend, so the pool it built is replaced by an
-        # equivalent one (same limits and TLS context) that connects through our backend.
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=True,
-            http2=False,
-            network_backend=SafeNetworkBackend(resolver),
-        )
+        # httpx does not expose httpcore's network_backend, so the pool it built is replaced by
+        # equivalent ones (same limits and TLS context) that connect through our backend.
+        ssl_context = httpx.create_ssl_context(trust_env=False)
+        backend = SafeNetworkBackend(resolver)
+
+        def make_pool() -> httpcore.AsyncConnectionPool:
+            return httpcore.AsyncConnectionPool(
+                ssl_context=ssl_context,
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                http1=True,
+                http2=False,
+                network_backend=backend,
+            )
+
+        self._pool = PoolPerOrigin(make_pool, origins_kept)

@@ -97,12 +97,11 @@ def test_two_shards_end_to_end(dagster_instance, database_url, conn, image_serve
 KILLABLE_RUN = textwrap.dedent("""
     import sys
     from imgpipe_dagster.engine.runner import ShardRunner
-    from imgpipe_dagster.fetch.settings import FetchSettings
     from imgpipe_dagster.profiles import resolve
-    from imgpipe_dagster.settings_map import engine_settings
+    from imgpipe_dagster.settings_map import engine_settings, medium_fetch_settings
     worker, _ = resolve("medium", {"images_per_request": 2, "chunk_size": 2, "max_concurrent_batches": 1,
                                    "lease_seconds": 5, "prefetch_concurrent_downloads": 2})
-    fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=2, prefetch_queue_size=2)
+    fetch = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=2, prefetch_queue_size=2)
     ShardRunner(sys.argv[1], "killed-run", ["s000001"], engine_settings(worker, fetch), sys.argv[2].split(",")).run()
 """)
 

@@ -12,9 +12,8 @@ import httpx
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.versions import analysis_version
-from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.profiles import resolve
-from imgpipe_dagster.settings_map import engine_settings
+from imgpipe_dagster.settings_map import engine_settings, medium_fetch_settings
 from imgpipe_dagster.store import versions
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster_tests.engine.conftest import LoggedHost
@@ -28,7 +27,7 @@ def settings(prompt: str = "caption_short_v1") -> EngineSettings:
         "images_per_request": 4, "max_concurrent_batches": 2, "chunk_size": 4, "max_concurrent_chunks": 2,
         "prefetch_concurrent_downloads": 4, "prefetch_queue_size": 4, "lease_seconds": 30, "image_resize_threads": 1,
     })  # fmt: skip
-    fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=4, prefetch_queue_size=4,
+    fetch = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=4, prefetch_queue_size=4,
                           image_resize_threads=1, target_pixels=56 * 56, patch_multiple=28)  # fmt: skip
     return engine_settings(worker, fetch, prompt_name=prompt)
 

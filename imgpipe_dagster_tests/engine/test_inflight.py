@@ -103,7 +103,7 @@ def test_grows_when_the_fetchers_look_ahead_is_full_though_few_downloads_hold_a_
                      images_to_gpu=10, body_bytes=0, in_flight=3, gpu_queue_fill=0.0, waiting_for_fetcher=50)  # fmt: skip
     controller = InFlightController(InFlightBounds(floor=20, ceiling=1000))
     controller.step(sample(0, 0, 0, 0, 3))
-    assert controller.step(waiting) == 25
+    assert controller.step(waiting) == 40
     idle = InFlightController(InFlightBounds(floor=20, ceiling=1000))
     idle.step(sample(0, 0, 0, 0, 3))
     assert idle.step(sample(1, 10, 5.0, 10, 3)) == 20

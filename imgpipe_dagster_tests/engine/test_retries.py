@@ -10,9 +10,8 @@ from dataclasses import replace
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.stats import RunSummary
-from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.profiles import resolve
-from imgpipe_dagster.settings_map import engine_settings
+from imgpipe_dagster.settings_map import engine_settings, medium_fetch_settings
 from imgpipe_dagster.store import work
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster_tests.engine.conftest import LoggedHost
@@ -28,7 +27,7 @@ def small_run(retry_delay: float, **run_overrides) -> EngineSettings:
         "prefetch_concurrent_downloads": 2, "prefetch_queue_size": 2, "retry_delay": retry_delay,
         "lease_seconds": 30, "image_resize_threads": 1,
     })  # fmt: skip
-    fetch = FetchSettings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=2, prefetch_queue_size=2,
+    fetch = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_concurrent_downloads=2, prefetch_queue_size=2,
                           image_resize_threads=1, target_pixels=56 * 56, patch_multiple=28,
                           max_in_flight_ceiling=2)  # fmt: skip
     settings = engine_settings(worker, fetch, prompt_name="caption_short_v1")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from dataclasses import replace
 
 import pytest
 
 from imgpipe_dagster.fetch import ErrorClass, FetchResult, FetchSettings, ImageFetcher
+from imgpipe_dagster.settings_map import medium_fetch_settings
 from imgpipe_dagster_tests.web.image_server import ImageServer, fault_test_settings
 
 # spellings of loopback that reach the test server when loopback is allowed, and are refused by default
@@ -76,7 +76,7 @@ def fetch_all(settings: FetchSettings, urls: list[str]) -> list[FetchResult]:
 
 def production_settings() -> FetchSettings:
     """Default settings (nothing allowed), with short timeouts so a mistake fails fast."""
-    return replace(FetchSettings(), prefetch_download_timeout=3.0, connect_timeout_s=1.0, read_timeout_s=1.0)
+    return medium_fetch_settings(prefetch_download_timeout=3.0, connect_timeout_s=1.0, read_timeout_s=1.0)
 
 
 def marker() -> str:

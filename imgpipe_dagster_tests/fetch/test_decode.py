@@ -12,11 +12,12 @@ from PIL import Image
 from imgpipe_dagster.fetch import ErrorClass, FetchError, FetchSettings
 from imgpipe_dagster.fetch.decode import decode_image, perceptual_hash, sniff_format, target_size
 from imgpipe_dagster.paths import resource_path
+from imgpipe_dagster.settings_map import medium_fetch_settings
 from imgpipe_dagster_tests.web.image_server import ImageServer, rgb_png_bomb
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
-SETTINGS = FetchSettings()
+SETTINGS = medium_fetch_settings()
 
 
 def photo(name: str) -> bytes:
@@ -87,7 +88,7 @@ def test_pixel_limit_is_checked_from_the_header() -> None:
     assert error_class_of(server.png_bomb(50_000)) is ErrorClass.DECOMPRESSION_BOMB  # 2.5 Gpx in 300 KB
     # the limit is a setting: a 12 MP photo is refused under a 10 MP limit
     big = encode(Image.open(io.BytesIO(photo("retina"))).resize((4000, 3000)), "JPEG", quality=85)
-    assert error_class_of(big, FetchSettings(max_image_pixels=10_000_000)) is ErrorClass.TOO_LARGE
+    assert error_class_of(big, medium_fetch_settings(max_image_pixels=10_000_000)) is ErrorClass.TOO_LARGE
 
 
 def test_an_rgb_png_bomb_is_a_bomb_not_merely_large() -> None:
@@ -95,7 +96,7 @@ def test_an_rgb_png_bomb_is_a_bomb_not_merely_large() -> None:
     bomb = rgb_png_bomb(30_000, 30_000)
     assert len(bomb) < 3_000_000
     with pytest.raises(FetchError) as caught:
-        decode_image(bomb, FetchSettings())
+        decode_image(bomb, medium_fetch_settings())
     assert caught.value.error_class is ErrorClass.DECOMPRESSION_BOMB
     assert "900,000,000 pixels" in str(caught.value)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
-from imgpipe_dagster.fetch import ErrorClass, FetchSettings, ImageFetcher
+from imgpipe_dagster.fetch import ErrorClass, ImageFetcher
+from imgpipe_dagster.settings_map import medium_fetch_settings
 from imgpipe_dagster_tests.fetch.hosts_support import classes, deferred, fetch_all, fetch_until_settled
 from imgpipe_dagster_tests.web.image_server import ImageServer, fault_test_settings, loopback_address
 
 
 def test_a_hanging_and_a_trickling_host_are_cut_at_the_new_limits_with_their_classes() -> None:
     # the product defaults (3 s to first byte, 2 KiB/s after 2 s) under the 10 s total deadline
-    settings = FetchSettings(allowed_networks=["127.0.0.0/8"])
+    settings = medium_fetch_settings(allowed_networks=["127.0.0.0/8"])
     assert settings.prefetch_download_timeout == 10.0
     with (
         ImageServer(loopback_address(10), behaviour="hang") as hanging,
@@ -57,6 +58,26 @@ def test_a_dead_hosts_urls_are_deferred_after_a_few_failures_and_finish_when_it_
     assert all(r.error.retry_after > 0 and r.http_status is None for r in first if deferred(r))
     assert all(r.ok for r in settled.values()), classes(settled.values())
     assert log.count("/robots.txt") == 1 and len(log) == 1 + len(items)
+
+
+def test_a_trickling_hosts_urls_are_deferred_after_a_few_too_slow_bodies() -> None:
+    # every body of this host trickles: counted per URL only, each of its URLs would hold a slot for
+    # the grace period on every attempt; as a host failure three open its breaker
+    settings = fault_test_settings(min_rate_grace_s=0.5, host_failures_to_open=3, per_host_limit=4)
+    with ImageServer(loopback_address(12), behaviour="trickle") as server:
+        items = [(i, server.image_url("rocket", "jpg", n=i)) for i in range(20)]
+
+        async def scenario():
+            async with ImageFetcher(settings) as fetcher:
+                return await fetch_all(fetcher, items)
+
+        results = asyncio.run(scenario())
+        image_requests = [path for _t, path in server.request_log if path.startswith("/img/")]
+    counts = classes(results)
+    assert set(counts) == {"too_slow", "host_deferred"}, counts
+    # at most the host's window was under way when the third body was cut
+    assert 3 <= counts["too_slow"] <= 4 and len(image_requests) == counts["too_slow"]
+    assert all(r.error.retry_after >= settings.host_probe_interval_s for r in results if deferred(r))
 
 
 def test_a_dead_host_that_never_returns_costs_a_bounded_number_of_requests() -> None:
@@ -134,9 +155,25 @@ def test_a_503_pauses_the_host_and_the_url_keeps_its_own_retryable_class() -> No
                for r in results if deferred(r))  # fmt: skip
 
 
+def test_a_long_queue_at_a_host_that_keeps_answering_is_never_deferred() -> None:
+    # one host, its rate the limit: the last URLs wait seconds behind it, far past host_queue_wait_s,
+    # yet no other host needs the room, so deferring them would only idle the run (the demo's case)
+    settings = fault_test_settings(per_host_limit=4, per_host_requests_per_s=10.0, host_queue_wait_s=0.5)
+    with ImageServer(loopback_address(60)) as server:
+        items = [(i, server.image_url("rocket", "jpg", width=64, n=i)) for i in range(30)]
+
+        async def scenario():
+            async with ImageFetcher(settings) as fetcher:
+                return await fetch_all(fetcher, items)
+
+        results = asyncio.run(scenario())
+    assert all(r.ok for r in results), classes(results)
+
+
 def test_one_hanging_host_does_not_hold_the_others_back() -> None:
-    # sixteen slots, a look-ahead of 32, eight per host; the hanging host's first request waits 20 s
-    # (a URL expected to wait over 5 s at its host's gate is deferred)
+    # sixteen slots, a look-ahead of 32, eight per host; the hanging host's first request waits 20 s.
+    # Its URLs fill the look-ahead; once it has finished nothing for 5 s, the hanging host's URL in
+    # hand is deferred, and so are the ones after it, letting the healthy host's URLs in
     settings = fault_test_settings(prefetch_concurrent_downloads=16, per_host_limit=8, ttfb_timeout_s=20.0,
                                    read_timeout_s=25.0, prefetch_download_timeout=30.0,
                                    host_queue_wait_s=5.0)  # fmt: skip

@@ -93,10 +93,11 @@ def test_bodies_in_flight_stay_within_the_byte_budget(warm_image_server) -> None
 # peak RSS is then the fetcher's alone.
 WORKER = r"""
 import asyncio, json, resource, sys
-from imgpipe_dagster.fetch import FetchSettings, ImageFetcher
+from imgpipe_dagster.fetch import ImageFetcher
+from imgpipe_dagster.settings_map import medium_fetch_settings
 
 items, target, overrides = json.loads(sys.stdin.read())
-settings = FetchSettings(allowed_networks=["127.0.0.0/8"], **overrides)
+settings = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], **overrides)
 
 async def main():
     outcome, observed = {}, 0

@@ -18,11 +18,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 WORKER = r"""
 import asyncio, json, resource, sys
 from dataclasses import replace
-from imgpipe_dagster.fetch import FetchSettings, ImageFetcher
+from imgpipe_dagster.fetch import ImageFetcher
+from imgpipe_dagster.settings_map import medium_fetch_settings
 
 items = json.loads(sys.stdin.read())
 # production caps (max_bytes, max_image_pixels, queue and worker counts); only loopback is allowed
-settings = replace(FetchSettings(), allowed_networks=["127.0.0.0/8"], prefetch_download_timeout=20.0,
+settings = medium_fetch_settings(allowed_networks=["127.0.0.0/8"], prefetch_download_timeout=20.0,
                    read_timeout_s=10.0, per_host_limit=64)
 
 async def main():

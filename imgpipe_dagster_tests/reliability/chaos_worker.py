@@ -20,7 +20,7 @@ from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.gpu_server.watchdog import ServerWatchdog
 from imgpipe_dagster.profiles import resolve
-from imgpipe_dagster.settings_map import engine_settings
+from imgpipe_dagster.settings_map import engine_settings, medium_fetch_settings
 
 # Worker overrides of the medium profile: small requests and chunks so a 5,000-URL run has many of
 # each, a 5 s lease so a killed run's URLs come back quickly, fast retries.
@@ -38,7 +38,7 @@ MAX_BACKOFF_S = 2.0
 def chaos_fetch_settings() -> FetchSettings:
     """Loopback allowed; the read timeout (3 s) sits between the trickle interval (0.2 s) and the
     deadline (6 s), with room for a loaded 2-core CI machine to serve good images in time."""
-    return FetchSettings(
+    return medium_fetch_settings(
         allowed_networks=["127.0.0.0/8"],
         prefetch_download_timeout=6.0,
         connect_timeout_s=2.0,
@@ -48,15 +48,14 @@ def chaos_fetch_settings() -> FetchSettings:
         prefetch_concurrent_downloads=32,
         prefetch_queue_size=32,
         image_resize_threads=2,
+        # One loopback image server stands in for the whole web here, and it serves the faults too.
+        # Its politeness rate and host cap would hold the run to 20 URLs/s; its hanging, trickling and
+        # resetting fault URLs would open the breaker of the one host every good URL shares, and the
+        # dead fault addresses would end HOST_UNREACHABLE instead of in their own classes with their
+        # retry counts, which is what this test checks. Host health has its tests (fetch/test_hosts.py).
         per_host_limit=64,
-        # One loopback image server stands in for the whole web here, so the per-host politeness rate
-        # would cap the run at 20 URLs/s; host health is tested on hosts of its own (fetch/test_hosts.py),
-        # and a dead fault address (connect-refused, connect-timeout, dns-failure) holds only a handful of
-        # URLs: they keep their own classes and retry counts instead of opening a breaker.
         per_host_requests_per_s=1e6,
         host_failures_to_open=1000,
-        host_pause_default_s=1.0,
-        host_queue_wait_s=1e9,  # all URLs share that one host: its queue is the run's whole backlog, never deferred
         target_pixels=112 * 112,  # tiny images for the tiny CPU model
     )
 
@@ -66,10 +65,7 @@ def chaos_engine_settings() -> EngineSettings:
     settings = engine_settings(worker, chaos_fetch_settings(), prompt_name=PROMPT)
     return replace(
         settings,
-        # The chaos is about loss and duplication through kills, not the retry tail: a run waits for
-        # its own retries (the fast backoff above keeps them seconds away) and for a paused host
-        # instead of leaving them to a later run (imgpipe_dagster_tests/engine/test_retries.py covers that).
-        run=replace(settings.run, progress_interval_s=5.0, retry_wait_s=60.0, host_deferral_s=1.0),
+        run=replace(settings.run, progress_interval_s=5.0),
         fetch_retry=replace(settings.fetch_retry, max_backoff_s=MAX_BACKOFF_S),
     )
 

@@ -114,6 +114,7 @@ from PIL import Image
 from imgpipe_dagster.fetch.errors import ErrorClass
 from imgpipe_dagster.fetch.settings import FetchSettings
 from imgpipe_dagster.paths import resource_path
+from imgpipe_dagster.settings_map import medium_fetch_settings
 
 _FORMATS = {
     "jpg": "JPEG",
@@ -165,7 +166,7 @@ def fault_test_settings(**overrides) -> FetchSettings:
     wait 30 s, far past all of them. One host here serves hundreds of test URLs, so its request rate
     is not limited (tests of the rate set it) and breaker probes come after 0.5 s.
     """
-    settings = FetchSettings(
+    settings = medium_fetch_settings(
         allowed_networks=["127.0.0.0/8"],
         prefetch_download_timeout=6.0,
         connect_timeout_s=1.0,
