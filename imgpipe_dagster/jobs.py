@@ -16,6 +16,12 @@ from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
 
 ANALYSIS = AssetSelection.assets("image_analysis")
 
+# Dagster's run queue starts higher priorities first: a retry, then manual runs and the throttle's
+# (0, Dagster's default), then the nightly set.
+PRIORITY_TAG = "dagster/priority"
+RETRY_PRIORITY = 10
+NIGHTLY_PRIORITY = -10
+
 
 def analysis_job_name(profile: str) -> str:
     """The job that runs image_analysis with a profile's preset: ``analyze_<profile>``."""

@@ -18,6 +18,7 @@ from imgpipe_dagster.assets import checks
 from imgpipe_dagster.assets.config import ImageAnalysisConfig
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.stats import RunSummary
+from imgpipe_dagster.failure_kinds import CONFIG_ERROR, PERMANENT_FAILURE_KEY
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
@@ -78,7 +79,8 @@ def image_analysis(
     try:
         worker, gpu = config.resolve(run_tags)
     except ProfileError as exc:
-        raise Failure(str(exc)) from None
+        # the run's own config is wrong: the run-failure sensor must not retry it, nor Dagster the step
+        raise Failure(str(exc), metadata={PERMANENT_FAILURE_KEY: CONFIG_ERROR}, allow_retries=False) from None
     model_path, tiny = gpu_model.resolved_model_path()
     if tiny:
         context.log.warning("analysing with the tiny random test model: its text is noise (set IMGPIPE_MODEL_PATH)")

@@ -56,7 +56,7 @@ from dagster._core.storage.tags import (
 
 from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
-from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
+from imgpipe_dagster.jobs import ANALYSIS_JOBS, NIGHTLY_PRIORITY, PRIORITY_TAG, PROFILE_TAG, analysis_job_name
 from imgpipe_dagster.profiles import PROFILE_NAMES
 from imgpipe_dagster.resources import GpuModelResource, PostgresResource
 from imgpipe_dagster.throttle import queries
@@ -119,12 +119,11 @@ def gpu_health(gpu_model: GpuModelResource, timeout_s: float) -> tuple[GpuHealth
 
 
 def shard_run_request(shard: str, profile: str, decision_id: int, source: str = "throttle") -> RunRequest:
-    return RunRequest(
-        run_key=f"{shard}@{decision_id}",
-        job_name=analysis_job_name(profile),
-        partition_key=shard,
-        tags={KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)},
-    )
+    tags = {KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)}
+    if source == "nightly":
+        tags[PRIORITY_TAG] = str(NIGHTLY_PRIORITY)  # retries and manual runs go first
+    return RunRequest(run_key=f"{shard}@{decision_id}", job_name=analysis_job_name(profile), partition_key=shard,
+                      tags=tags)  # fmt: skip
 
 
 def throttle_tick(
