@@ -15,7 +15,8 @@ from dagster import (
 )
 
 from imgpipe_dagster.assets import checks
-from imgpipe_dagster.assets.config import ImageAnalysisConfig
+from imgpipe_dagster.assets.config import ASSET_OWNERS, GPU_POOL, PROFILE_TAG, ImageAnalysisConfig
+from imgpipe_dagster.assets.shard_results import check_events, read_shard_outcomes, shard_metadata
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.stats import RunSummary
 from imgpipe_dagster.failure_kinds import CONFIG_ERROR, PERMANENT_FAILURE_KEY
@@ -24,7 +25,6 @@ from imgpipe_dagster.profiles import ProfileError
 from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.settings_map import engine_settings
-from imgpipe_dagster.store.stats import parse_stats
 from imgpipe_dagster.store.verify import verify
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
@@ -32,26 +32,22 @@ SHARDS_PER_BACKFILL_RUN = 4
 
 
 def summary_metadata(summary: RunSummary) -> dict:
-    """The run's figures as materialization metadata (plain numbers stay plain)."""
+    """The whole run's figures, all its shards together, named ``run_*``; each shard's own figures
+    (under the plain names: urls_total, images_per_s, ...) come from ``shard_results``."""
+    waiting = summary.waiting_for_retry or {}
     return {
-        "urls_total": summary.urls_total,
-        "urls_done": summary.final_count("done"),
-        "urls_failed": summary.final_count("failed_permanent"),
-        "urls_unfinished": summary.urls_unfinished,
-        "images_per_s": summary.images_per_s,
-        "elapsed_s": summary.elapsed_s,
-        "download_ms_p50": summary.download_ms_p50 or 0.0,
-        "download_ms_p95": summary.download_ms_p95 or 0.0,
-        "inference_ms_p50": summary.inference_ms_p50 or 0.0,
-        "inference_ms_p95": summary.inference_ms_p95 or 0.0,
-        "per_gpu": MetadataValue.json({name: vars(gpu) for name, gpu in summary.per_gpu.items()}),
-        "failures_by_class": MetadataValue.json(summary.failures_by_class),
-        "gpu_request_retries": summary.gpu_request_retries,
-        "failure_ratio": round(summary.failure_ratio, 4),
+        "run_urls_total": summary.urls_total,
+        "run_urls_done": summary.final_count("done"),
+        "run_urls_failed": summary.final_count("failed_permanent"),
+        "run_urls_unfinished": summary.urls_unfinished,
+        "run_images_per_s": round(summary.images_per_s, 2),
+        "run_elapsed_s": round(summary.elapsed_s, 1),
+        "run_gpu_request_retries": summary.gpu_request_retries,
+        "run_failure_ratio": round(summary.failure_ratio, 4),
         # URLs left in the pool with a due time (retries, deferred hosts): a later run finishes them
-        "urls_waiting_for_retry": summary.urls_waiting_for_retry,
-        "next_retry_at": (summary.waiting_for_retry or {}).get("next_due_at") or "",
-        "last_retry_at": (summary.waiting_for_retry or {}).get("last_due_at") or "",
+        "run_urls_waiting_for_retry": summary.urls_waiting_for_retry,
+        "next_retry_at": waiting.get("next_due_at") or "",
+        "last_retry_at": waiting.get("last_due_at") or "",
         "downloads": MetadataValue.json(summary.downloads or {}),
     }
 
@@ -61,10 +57,15 @@ def summary_metadata(summary: RunSummary) -> dict:
     deps=[AssetKey("url_corpus")],
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=SHARDS_PER_BACKFILL_RUN),
     check_specs=checks.analysis_check_specs("image_analysis"),
+    pool=GPU_POOL,
     group_name="analysis",
     kinds={"postgres", "pytorch"},
+    owners=ASSET_OWNERS,
+    tags={"imgpipe/stage": "analysis"},
     description="Downloads every URL of the shard, analyses it with the Qwen-VL servers and stores one "
-    "row per URL in url_analysis_results. Run config: a profile (conservative/medium/aggressive) plus overrides.",
+    "row per URL in url_analysis_results. Run config: a profile (conservative/medium/aggressive) plus "
+    "overrides; an empty config (as the backfill dialog starts) means the job's profile, else medium. "
+    f"Runs share the `{GPU_POOL}` concurrency pool (the profile's max_concurrent_workers).",
 )
 def image_analysis(
     context: AssetExecutionContext,
@@ -72,10 +73,13 @@ def image_analysis(
     postgres: PostgresResource,
     gpu_model: GpuModelResource,
     fetcher: FetcherResource,
-) -> MaterializeResult:
+):
     shards = list(context.partition_keys)
     run_tags = dict(context.run.tags)
     profile = config.profile_name(run_tags)
+    if run_tags.get(PROFILE_TAG) != profile:
+        # asset-page and backfill launches carry no profile tag: label every run with the one it uses
+        context.instance.add_run_tags(context.run_id, {PROFILE_TAG: profile})
     try:
         worker, gpu = config.resolve(run_tags)
     except ProfileError as exc:
@@ -101,14 +105,13 @@ def image_analysis(
 
     with postgres.connect() as conn:
         report = verify(conn, shards)
-        parsing = parse_stats(conn, shards)
+        outcomes = read_shard_outcomes(conn, shards, context.run_id)
 
     metadata = {
         "profile": profile,
-        "shards": MetadataValue.json(shards),
+        "run_shards": MetadataValue.json(shards),
         "model": model_path + (" (tiny random test model: text is noise)" if tiny else ""),
     } | summary_metadata(summary)
-    check_results = [checks.every_url_final(report), checks.analyses_parse(parsing, tiny), checks.failure_ratio(summary)]
     if not report.ok:
         context.log.error("verification failed:\n" + "\n".join(report.lines()))
     if report.unfinished and report.ok and sum(report.unfinished.values()) > summary.urls_waiting_for_retry:
@@ -118,4 +121,7 @@ def image_analysis(
             f"({json.dumps(report.unfinished)}); they stay in the pool and a later run finishes them",
             metadata={k: v for k, v in metadata.items() if not isinstance(v, MetadataValue)},
         )
-    return MaterializeResult(metadata=metadata, check_results=check_results)
+    for shard, outcome in outcomes.items():
+        context.add_asset_metadata(shard_metadata(outcome, summary.elapsed_s), partition_key=shard)
+    yield MaterializeResult(metadata=metadata)
+    yield from check_events(context, outcomes, tiny)
