@@ -82,6 +82,7 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     """Prints its steps and a summary; returns the exit status (1 when the Dagster run failed)."""
     from dagster import DagsterInstance
 
+    from imgpipe_dagster.assets.corpus import record_ingest_outside_a_run
     from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
     from imgpipe_dagster.environment import ALLOWED_NETWORKS_ENV, MODEL_PATH_ENV, read_environment
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
@@ -117,7 +118,8 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
         instance = DagsterInstance.get()
         with db.connect(url) as conn:
             report = ingest_files(conn, [corpus_file], shard_size=shard_size)
-            sync_shard_partitions(instance, conn)
+            added = sync_shard_partitions(instance, conn)
+            record_ingest_outside_a_run(instance, conn, report, len(added), source="demo")
             pending = [row[0] for row in conn.execute(
                 "SELECT DISTINCT shard_id FROM corpus_urls WHERE state IN ('pending', 'failed_retryable', 'leased')"
                 " ORDER BY 1").fetchall()]  # fmt: skip
