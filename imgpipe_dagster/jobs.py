@@ -11,7 +11,6 @@ from __future__ import annotations
 from dagster import AssetSelection, define_asset_job
 
 from imgpipe_dagster.assets.config import PROFILE_TAG
-from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
 
 ANALYSIS = AssetSelection.assets("image_analysis")
@@ -33,7 +32,6 @@ def analysis_job(profile: str):
     return define_asset_job(
         analysis_job_name(profile),
         selection=ANALYSIS,
-        partitions_def=url_shards,
         config=profile_run_config(profile),
         description=f"Analyse shards with the {profile} profile (profiles/{profile}.yaml).",
         tags={PROFILE_TAG: profile},

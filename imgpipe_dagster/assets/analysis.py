@@ -3,11 +3,13 @@ stored in url_analysis_results, with checks that nothing was lost."""
 
 
 import json
+import warnings
 
 from dagster import (
     AssetExecutionContext,
     AssetKey,
     BackfillPolicy,
+    BetaWarning,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -26,6 +28,10 @@ from imgpipe_dagster.resources import FetcherResource, GpuModelResource, Postgre
 from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.settings_map import engine_settings
 from imgpipe_dagster.store.verify import verify
+
+# BackfillPolicy is a beta parameter of @asset in Dagster 1.13, used here on purpose: its notice
+# would repeat in every process that loads the code location.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=BetaWarning)
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
 SHARDS_PER_BACKFILL_RUN = 4

@@ -1,16 +1,34 @@
 """progress_report: the whole corpus at a glance (the legacy psql and redis-cli checks, as an asset)."""
 
 
-from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AutomationCondition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
+from imgpipe_dagster.assets.config import ASSET_OWNERS
 from imgpipe_dagster.plots import throughput_markdown
 from imgpipe_dagster.resources import PostgresResource
 from imgpipe_dagster.status import format_eta
 from imgpipe_dagster.store.stats import progress, throughput_series
 
+# The report refreshes by itself (the report_refresh automation sensor): after any shard
+# materializes, and on this cron so rates and the ETA stay current while long runs are in progress.
+REPORT_CRON = "*/15 * * * *"
+REPORT_REFRESH = (
+    AutomationCondition.any_deps_updated() | AutomationCondition.cron_tick_passed(REPORT_CRON)
+).with_label("after a shard run or every 15 minutes") & ~AutomationCondition.in_progress()
+
 
 @asset(
     deps=[AssetKey("image_analysis")],
+    automation_condition=REPORT_REFRESH,
+    owners=ASSET_OWNERS,
+    tags={"imgpipe/stage": "report"},
     group_name="analysis",
     kinds={"postgres"},
     description="URLs total/done/failed/pending, rate over the last 10 minutes and hour, ETA of the backlog, "
