@@ -129,7 +129,7 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
         if pending:
             from imgpipe_dagster.definitions import defs
 
-            job = defs.get_job_def("analyze_medium")
+            job = defs.resolve_job_def("analyze_medium")
             print(f"4/5 running analyze_medium over {pending[0]}..{pending[-1]} (profile medium)", flush=True)
             # A run leaves URLs whose retry (or whose deferred host) is not due yet to a later run; the
             # throttle sensor would start one when they are due, and the demo does the same, a few times.

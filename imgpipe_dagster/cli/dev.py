@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 
 from imgpipe_dagster.cli.ports import ensure_port_free
-from imgpipe_dagster.local_instance import dagster_home, prepare_environment
+from imgpipe_dagster.local_instance import dagster_home, prepare_environment, project_file
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ensure_port_free(args.host, args.port)
     prepare_environment()
     home = dagster_home()
-    cmd = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port),
-           "-m", "imgpipe_dagster.definitions"]
+    # The workspace names the code location `imgpipe_dagster` (a bare -m would name it after the
+    # module). Started in DAGSTER_HOME, so Dagster finds no other dagster.yaml in its working folder
+    # to warn about.
+    workspace = home / "workspace.yaml"
+    shutil.copyfile(project_file("workspace.yaml"), workspace)
+    cmd = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", str(workspace)]
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, cwd=home)
