@@ -153,8 +153,11 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     if not keep_servers:
         GpuServerLauncher(gpu_server_records_dir()).stop()
     print_summary(url, real_model is None, result.run_id if result is not None else None)
+    servers = ("`imgpipe gpu-server stop` stops the GPU servers left warm, " if keep_servers
+               else "the GPU servers are stopped (`imgpipe gpu-server stop` stops any a UI run started), ")
     print(f"5/5 done in {time.monotonic() - started:.0f}s. Browse runs, lineage and partitions: "
-          f"`make dev` (or `imgpipe dev`) then open http://127.0.0.1:3000 ; `imgpipe db down` stops the database.")
+          f"`make dev` (or `imgpipe dev`) then open http://127.0.0.1:3000 ; {servers}"
+          "`imgpipe db down` stops the database.")  # fmt: skip
     return 0 if result is None or result.success else 1
 
 
