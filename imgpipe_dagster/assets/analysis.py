@@ -128,6 +128,7 @@ def image_analysis(
             metadata={k: v for k, v in metadata.items() if not isinstance(v, MetadataValue)},
         )
     for shard, outcome in outcomes.items():
-        context.add_asset_metadata(shard_metadata(outcome, summary.elapsed_s), partition_key=shard)
-    yield MaterializeResult(metadata=metadata)
+        # the shard's own figures first, the run's after them (the UI lists metadata in this order)
+        context.add_asset_metadata(shard_metadata(outcome, summary.elapsed_s) | metadata, partition_key=shard)
+    yield MaterializeResult()
     yield from check_events(context, outcomes, tiny)

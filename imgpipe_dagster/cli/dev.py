@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -29,4 +30,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     shutil.copyfile(project_file("workspace.yaml"), workspace)
     cmd = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", str(workspace)]
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)
-    return subprocess.call(cmd, cwd=home)
+    # `dagster dev` warns that `dg dev` supersedes it; dg needs a dg project layout we do not use.
+    env = {**os.environ, "PYTHONWARNINGS": _add_filter(os.environ.get("PYTHONWARNINGS"), DEV_COMMAND_NOTICE)}
+    return subprocess.call(cmd, cwd=home, env=env)
+
+
+DEV_COMMAND_NOTICE = "ignore:Function `dev_command` is superseded"
+
+
+def _add_filter(existing: str | None, entry: str) -> str:
+    return f"{existing},{entry}" if existing else entry
