@@ -1,6 +1,7 @@
 """The run-failure sensor: a failed shard run gives its URLs back and is retried a bounded number of times.
 
-For every failed ``analyze_<profile>`` run:
+For every failed shard run (an ``analyze_<profile>`` run, or an asset-page or backfill run of
+image_analysis; other runs of the code location are skipped):
 
 1. its leased URLs go back to pending without spending their retry budget
    (``store.work.release_leases(conn, run_id)``: the run id is the lease owner), so no URL waits
@@ -24,7 +25,14 @@ profile's limit. Default status: running (it only repairs what failed).
 
 from __future__ import annotations
 
-from dagster import DefaultSensorStatus, RunFailureSensorContext, RunRequest, SkipReason, run_failure_sensor
+from dagster import (
+    AssetKey,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    SkipReason,
+    run_failure_sensor,
+)
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -32,8 +40,9 @@ from dagster._core.storage.tags import (
     WILL_RETRY_TAG,
 )
 
+from imgpipe_dagster.assets.config import DEFAULT_PROFILE
 from imgpipe_dagster.failure_kinds import permanent_reason
-from imgpipe_dagster.jobs import ANALYSIS_JOBS, PRIORITY_TAG, RETRY_PRIORITY
+from imgpipe_dagster.jobs import ANALYSIS_JOBS, PRIORITY_TAG, PROFILE_TAG, RETRY_PRIORITY, analysis_job_name
 from imgpipe_dagster.resources import PostgresResource
 from imgpipe_dagster.sensors.throttle import (
     MAX_RETRIES_PER_CAUSE,
@@ -44,6 +53,8 @@ from imgpipe_dagster.store.work import release_leases
 from imgpipe_dagster.throttle import queries
 
 RETRY_OF_TAG = "imgpipe/retry_of"
+ANALYSIS_JOBS_BY_NAME = {job.name for job in ANALYSIS_JOBS.values()}
+ANALYSIS_KEY = AssetKey("image_analysis")
 
 
 def failure_error(context: RunFailureSensorContext) -> tuple[str | None, str | None, dict]:
@@ -68,6 +79,18 @@ def _carried_tags(tags: dict) -> dict:
     return {k: v for k, v in tags.items() if not k.startswith(("dagster/", ".dagster/", "dagster-"))}
 
 
+def is_shard_run(run) -> bool:
+    return run.job_name in ANALYSIS_JOBS_BY_NAME or ANALYSIS_KEY in (run.asset_selection or ())
+
+
+def retry_job_name(run) -> str:
+    """The run's own job; an asset-page or backfill run (Dagster's jobless asset job, which a sensor
+    cannot request) goes to the analyze_<profile> job of its profile, with the same run config."""
+    if run.job_name in ANALYSIS_JOBS_BY_NAME:
+        return run.job_name
+    return analysis_job_name(run.tags.get(PROFILE_TAG) or DEFAULT_PROFILE)
+
+
 def retry_request(run, shards: list[str], failures: int) -> RunRequest:
     """The failed run again: the same job, run config and tags, plus what marks it as a retry."""
     tags = _carried_tags(dict(run.tags)) | {
@@ -83,7 +106,7 @@ def retry_request(run, shards: list[str], failures: int) -> RunRequest:
         tags[ASSET_PARTITION_RANGE_END_TAG] = run.tags.get(ASSET_PARTITION_RANGE_END_TAG, shards[-1])
     return RunRequest(
         run_key=f"retry:{run.run_id}",
-        job_name=run.job_name,
+        job_name=retry_job_name(run),
         run_config=run.run_config,
         partition_key=partition_key,
         tags=tags,
@@ -92,6 +115,8 @@ def retry_request(run, shards: list[str], failures: int) -> RunRequest:
 
 def handle_failure(context: RunFailureSensorContext, postgres: PostgresResource):
     run = context.dagster_run
+    if not is_shard_run(run):
+        return SkipReason(f"run {run.run_id} ({run.job_name}) is not a shard run")
     with postgres.connect() as conn:
         shards = shards_of_run(conn, run.tags)
         released = release_leases(conn, run.run_id)
@@ -135,7 +160,8 @@ def handle_failure(context: RunFailureSensorContext, postgres: PostgresResource)
 
 @run_failure_sensor(
     name="shard_run_failures",
-    monitored_jobs=list(ANALYSIS_JOBS.values()),
+    # every job of the code location: asset-page and backfill runs of image_analysis run as Dagster's
+    # own asset job; handle_failure skips runs that analyse no shard
     request_jobs=list(ANALYSIS_JOBS.values()),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,

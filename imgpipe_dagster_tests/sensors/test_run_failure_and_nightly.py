@@ -4,6 +4,7 @@ set with the conservative profile), against a real Postgres and Dagster instance
 from __future__ import annotations
 
 from dagster import (
+    AssetKey,
     DagsterRunStatus,
     DefaultScheduleStatus,
     Definitions,
@@ -122,6 +123,29 @@ def test_a_retry_carries_the_runs_own_config_and_tags(dagster_instance, conn, da
     assert carried == {"imgpipe/profile": "aggressive", "imgpipe/kind": "shard_run", "imgpipe/source": "manual",
                        "team": "vision"}  # fmt: skip
     assert request.tags["imgpipe/retry_of"] == run.run_id
+
+
+def test_a_backfill_run_is_retried_as_its_profiles_job_and_other_runs_are_skipped(
+    dagster_instance, conn, database_url
+):
+    shards = seed_shards(conn, dagster_instance, 2)
+    config = {"ops": {"image_analysis": {"config": {"profile": "aggressive"}}}}
+    backfill_run = create_run_for_test(
+        dagster_instance, job_name="__ASSET_JOB", status=DagsterRunStatus.STARTED, run_config=config,
+        asset_selection=frozenset({AssetKey("image_analysis")}),
+        tags={"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[1],
+              "dagster/backfill": "abcdefgh", "imgpipe/profile": "aggressive"},
+    )  # fmt: skip
+    request = evaluate(dagster_instance, database_url, backfill_run, fail_run(dagster_instance, backfill_run))
+    assert request.job_name == "analyze_aggressive" and request.run_config == config
+    assert (request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]) \
+        == (shards[0], shards[1])  # fmt: skip
+    assert "dagster/backfill" not in request.tags  # the retry is not one of the backfill's runs
+
+    report_run = create_run_for_test(dagster_instance, job_name="refresh_progress_report",
+                                     status=DagsterRunStatus.STARTED)  # fmt: skip
+    skipped = evaluate(dagster_instance, database_url, report_run, fail_run(dagster_instance, report_run))
+    assert "not a shard run" in skipped.skip_message
 
 
 def test_a_config_error_is_never_retried_and_the_tick_says_why(dagster_instance, conn, database_url):
