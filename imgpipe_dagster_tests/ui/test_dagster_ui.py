@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -243,7 +244,7 @@ def browser_context(tmp_path_factory, chromium):
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")),  # Playwright passes it as --user-data-dir
             executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1600, "height": 1000},
+            viewport={"width": 1600, "height": 1000}, timezone_id="UTC",
         )  # fmt: skip
         context.set_default_timeout(UI_TIMEOUT_MS)
         try:
@@ -511,7 +512,7 @@ BAD_CONFIG = """ops:
         chunk_size: 0
 """
 SENSOR_TICKS = """query($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) { ... on Sensor {
-  sensorState { ticks(limit: 20) { status skipReason runIds } } } } }"""
+  sensorState { ticks(limit: 20) { status skipReason timestamp } } } } }"""
 
 
 def test_a_bad_config_run_is_not_retried_and_the_sensor_says_why(dev, page):
@@ -531,18 +532,22 @@ def test_a_bad_config_run_is_not_retried_and_the_sensor_says_why(dev, page):
     selector = {"repositoryName": dev.repository, "repositoryLocationName": dev.location,
                 "sensorName": "shard_run_failures"}  # fmt: skip
     deadline = time.monotonic() + SENSOR_TIMEOUT_S
-    reason = None
-    while time.monotonic() < deadline and reason is None:
+    tick = None
+    while time.monotonic() < deadline and tick is None:
         ticks = dev.graphql(SENSOR_TICKS, {"selector": selector})["sensorOrError"]["sensorState"]["ticks"]
-        reason = next((t["skipReason"] for t in ticks if run_id in (t["skipReason"] or "")), None)
+        tick = next((t for t in ticks if run_id in (t["skipReason"] or "")), None)
         time.sleep(3)
-    assert reason is not None, f"no tick of shard_run_failures mentions run {run_id}"
+    assert tick is not None, f"no tick of shard_run_failures mentions run {run_id}"
+    reason = tick["skipReason"]
     assert "not_retried" in reason and "config error" in reason and "chunk_size" in reason, reason
     runs = dev.graphql(ANALYSIS_RUNS)["runsOrError"]["results"]
     assert not [r for r in runs if {t["key"]: t["value"] for t in r["tags"]}.get("imgpipe/retry_of") == run_id]
     assert [r["status"] for r in runs if r["runId"] == run_id] == ["FAILURE"]
 
+    # the tick's log in the UI: its row is labelled with the tick's time (the browser runs in UTC)
     page.goto(f"{dev.base_url}/locations/{dev.repository}@{dev.location}/sensors/shard_run_failures")
+    label = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%-I:%M:%S %p")
+    page.locator("tr", has_text=label).first.get_by_role("button", name="View logs").click()
     page.get_by_text("not_retried").first.wait_for(state="visible")
     shot(page, "14_bad_config_not_retried_sensor_tick")
 
