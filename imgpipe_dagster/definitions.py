@@ -18,9 +18,10 @@ embedded server). Run config may still override any resource field per run.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from dagster import Definitions, EnvVar
+from dagster import BetaWarning, Definitions, EnvVar, with_source_code_references
 
 from imgpipe_dagster.assets.analysis import image_analysis
 from imgpipe_dagster.assets.corpus import url_corpus
@@ -80,8 +81,16 @@ def deployment_resources(env: Environment) -> dict[str, Any]:
     return resources_by_deployment(env)[env.deployment]
 
 
+def _with_code_references(assets: list) -> list:
+    """Each asset links to its source file and line in the UI. Code references are a beta feature of
+    Dagster 1.13, used on purpose: its notice would repeat in every process loading the location."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)
+        return list(with_source_code_references(assets))
+
+
 defs = Definitions(
-    assets=[url_corpus, image_analysis, progress_report, analysis_export],
+    assets=_with_code_references([url_corpus, image_analysis, progress_report, analysis_export]),
     jobs=[*ANALYSIS_JOBS.values(), INGEST_JOB, REPORT_JOB, requeue_failed],
     sensors=SENSORS,
     schedules=SCHEDULES,

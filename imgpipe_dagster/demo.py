@@ -57,6 +57,7 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     """Prints its steps and a summary; returns the exit status (1 when the Dagster run failed)."""
     from dagster import DagsterInstance
 
+    from imgpipe_dagster.assets.corpus import record_ingest_outside_a_run
     from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
     from imgpipe_dagster.environment import ALLOWED_NETWORKS_ENV, MODEL_PATH_ENV, read_environment
     from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
@@ -94,7 +95,8 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
         instance = DagsterInstance.get()
         with db.connect(url) as conn:
             report = ingest_files(conn, [corpus_file], shard_size=shard_size)
-            sync_shard_partitions(instance, conn)
+            added = sync_shard_partitions(instance, conn)
+            record_ingest_outside_a_run(instance, conn, report, len(added), source="demo")
             pending = [row[0] for row in conn.execute(
                 "SELECT DISTINCT shard_id FROM corpus_urls WHERE state IN ('pending', 'failed_retryable', 'leased')"
                 " ORDER BY 1").fetchall()]  # fmt: skip
@@ -104,7 +106,7 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
         if pending:
             from imgpipe_dagster.definitions import defs
 
-            job = defs.get_job_def("analyze_medium")
+            job = defs.resolve_job_def("analyze_medium")
             print(f"4/5 running analyze_medium over {pending[0]}..{pending[-1]} (profile medium)", flush=True)
             result = job.execute_in_process(
                 instance=instance,
@@ -123,8 +125,11 @@ def run_demo(image_port: int, shard_size: int, keep_servers: bool) -> int:
     if not keep_servers:
         GpuServerLauncher(gpu_server_records_dir()).stop()
     print_summary(url, real_model is None, result.run_id if result is not None else None)
+    servers = ("`imgpipe gpu-server stop` stops the GPU servers left warm, " if keep_servers
+               else "the GPU servers are stopped (`imgpipe gpu-server stop` stops any a UI run started), ")
     print(f"5/5 done in {time.monotonic() - started:.0f}s. Browse runs, lineage and partitions: "
-          f"`make dev` (or `imgpipe dev`) then open http://127.0.0.1:3000 ; `imgpipe db down` stops the database.")
+          f"`make dev` (or `imgpipe dev`) then open http://127.0.0.1:3000 ; {servers}"
+          "`imgpipe db down` stops the database.")  # fmt: skip
     return 0 if result is None or result.success else 1
 
 

@@ -13,7 +13,6 @@ from dagster import AssetSelection, define_asset_job
 from imgpipe_dagster.assets.config import PROFILE_TAG
 from imgpipe_dagster.deploy.k8s import run_pod_tags
 from imgpipe_dagster.environment import read_environment
-from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.profiles import PROFILE_NAMES, profile_run_config
 
 ANALYSIS = AssetSelection.assets("image_analysis")
@@ -21,6 +20,12 @@ ANALYSIS = AssetSelection.assets("image_analysis")
 # run monitoring stops a shard run older than this. A 10,000-URL shard takes minutes to an hour.
 DEFAULT_MAX_RUNTIME_S = 6 * 3600
 MAX_RUNTIME_TAG = "dagster/max_runtime"
+
+# Dagster's run queue starts higher priorities first: a retry, then manual runs and the throttle's
+# (0, Dagster's default), then the nightly set.
+PRIORITY_TAG = "dagster/priority"
+RETRY_PRIORITY = 10
+NIGHTLY_PRIORITY = -10
 
 
 def analysis_job_name(profile: str) -> str:
@@ -33,7 +38,6 @@ def analysis_job(profile: str):
     return define_asset_job(
         analysis_job_name(profile),
         selection=ANALYSIS,
-        partitions_def=url_shards,
         config=profile_run_config(profile),
         description=f"Analyse shards with the {profile} profile (profiles/{profile}.yaml).",
         tags=analysis_job_tags(profile),

@@ -105,3 +105,30 @@ def throughput_markdown(series: Sequence[tuple], end: datetime | None = None, ho
         f"![Images per minute and failures over the last {hours} h](data:image/svg+xml;base64,{data})\n\n"
         f"Last {hours} h: {total_ok:,} analysed, {total_failed:,} failed; busiest minute {peak:,} URLs."
     )
+
+
+# The Dagster UI shows Markdown metadata inline only below this many characters (else behind a
+# "[Show Markdown]" button), so the compact chart must stay under it.
+INLINE_MARKDOWN_LIMIT = 1000
+COMPACT_W, COMPACT_H = 288, 48
+
+
+def compact_throughput_markdown(series: Sequence[tuple], end: datetime | None = None, hours: int = 24) -> str:
+    """A small chart of images per minute (hourly averages, failures in red) short enough for the UI to
+    show inline; the detailed chart stays in ``throughput_markdown``."""
+    end = (end or datetime.now(UTC)).astimezone(UTC)
+    ok, failed = _bucketed(series, end, hours, 60)
+    top = max([*ok, *failed, 1e-9])
+    step = COMPACT_W / len(ok)
+
+    def points(values: list[float]) -> str:
+        return " ".join(f"{i * step + step / 2:.0f},{COMPACT_H - 2 - (COMPACT_H - 4) * v / top:.0f}"
+                        for i, v in enumerate(values))  # fmt: skip
+
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{COMPACT_W}" height="{COMPACT_H}">'
+           f'<rect width="{COMPACT_W}" height="{COMPACT_H}" fill="#f8f9fa"/>'
+           f'<polyline fill="none" stroke="{OK_COLOUR}" stroke-width="2" points="{points(ok)}"/>'
+           f'<polyline fill="none" stroke="{FAILED_COLOUR}" stroke-width="1" points="{points(failed)}"/></svg>')  # fmt: skip
+    data = base64.b64encode(svg.encode()).decode()
+    peak = max(ok, default=0.0)
+    return f"![last {hours} h](data:image/svg+xml;base64,{data}) peak {peak:,.0f}/min"

@@ -72,7 +72,13 @@ def _wait(process: subprocess.Popen | int, timeout_s: float) -> bool:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def supervise(command: list[str], grace_s: float = 30.0, interrupt: signal.Signals = signal.SIGINT) -> int:
+def supervise(
+    command: list[str],
+    grace_s: float = 30.0,
+    interrupt: signal.Signals = signal.SIGINT,
+    cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
     """Run ``command`` as the leader of a new process group until it exits or this process gets SIGINT,
     SIGTERM or SIGHUP; then stop the whole group: ``interrupt`` to the leader first (its graceful
     path), SIGTERM then SIGKILL to the group after ``grace_s``. Returns the leader's exit code, or
@@ -88,7 +94,7 @@ def supervise(command: list[str], grace_s: float = 30.0, interrupt: signal.Signa
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
-        child = subprocess.Popen(command, start_new_session=True)
+        child = subprocess.Popen(command, start_new_session=True, cwd=cwd, env=env)
         try:
             while not received and child.poll() is None:
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -64,3 +64,17 @@ def test_an_empty_day_still_draws_a_chart():
     root = ET.fromstring(throughput_svg([], END))
 
     assert len(root.findall(f"{SVG}polyline")) == 2
+
+
+def test_the_compact_chart_is_short_enough_for_the_ui_to_show_it_inline():
+    from datetime import UTC, datetime, timedelta
+
+    from imgpipe_dagster.plots import INLINE_MARKDOWN_LIMIT, compact_throughput_markdown
+
+    end = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+    # the longest case: every hour busy, values spread over the whole height
+    busy = [(end - timedelta(minutes=m), (m * 37) % 5000, (m * 11) % 900) for m in range(1, 24 * 60)]
+    for series in (busy, []):
+        markdown = compact_throughput_markdown(series, end)
+        assert len(markdown) < INLINE_MARKDOWN_LIMIT, len(markdown)
+        assert markdown.startswith("![last 24 h](data:image/svg+xml;base64,")

@@ -3,11 +3,13 @@ stored in url_analysis_results, with checks that nothing was lost."""
 
 
 import json
+import warnings
 
 from dagster import (
     AssetExecutionContext,
     AssetKey,
     BackfillPolicy,
+    BetaWarning,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -15,11 +17,13 @@ from dagster import (
 )
 
 from imgpipe_dagster.assets import checks
-from imgpipe_dagster.assets.config import ImageAnalysisConfig
+from imgpipe_dagster.assets.config import ASSET_OWNERS, GPU_POOL, PROFILE_TAG, ImageAnalysisConfig
+from imgpipe_dagster.assets.shard_results import check_events, read_shard_outcomes, shard_metadata
 from imgpipe_dagster.engine.heartbeat import RunHeartbeat
 from imgpipe_dagster.engine.runner import ShardRunner
 from imgpipe_dagster.engine.stats import RunSummary
 from imgpipe_dagster.engine.versions import analysis_version, model_identity
+from imgpipe_dagster.failure_kinds import CONFIG_ERROR, PERMANENT_FAILURE_KEY
 from imgpipe_dagster.partitions import url_shards
 from imgpipe_dagster.paths import image_store_dir
 from imgpipe_dagster.profiles import ProfileError
@@ -27,36 +31,35 @@ from imgpipe_dagster.resources import FetcherResource, GpuModelResource, Postgre
 from imgpipe_dagster.router_snapshots import write_router_snapshot
 from imgpipe_dagster.run_log import forwarded_to_run_log
 from imgpipe_dagster.settings_map import engine_settings
-from imgpipe_dagster.store.stats import parse_stats
 from imgpipe_dagster.store.verify import verify
 from imgpipe_dagster.store.versions import ShardBusyError, duplicate_counts
 from imgpipe_dagster.versioning import configured_analysis_version, configured_prompt
+
+# BackfillPolicy is a beta parameter of @asset in Dagster 1.13, used here on purpose: its notice
+# would repeat in every process that loads the code location.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=BetaWarning)
 
 # One run takes up to this many shards of a backfill, so the GPU servers stay busy between shards.
 SHARDS_PER_BACKFILL_RUN = 4
 
 
 def summary_metadata(summary: RunSummary) -> dict:
-    """The run's figures as materialization metadata (plain numbers stay plain)."""
+    """The whole run's figures, all its shards together, named ``run_*``; each shard's own figures
+    (under the plain names: urls_total, images_per_s, ...) come from ``shard_results``."""
+    waiting = summary.waiting_for_retry or {}
     return {
-        "urls_total": summary.urls_total,
-        "urls_done": summary.final_count("done"),
-        "urls_failed": summary.final_count("failed_permanent"),
-        "urls_unfinished": summary.urls_unfinished,
-        "images_per_s": summary.images_per_s,
-        "elapsed_s": summary.elapsed_s,
-        "download_ms_p50": summary.download_ms_p50 or 0.0,
-        "download_ms_p95": summary.download_ms_p95 or 0.0,
-        "inference_ms_p50": summary.inference_ms_p50 or 0.0,
-        "inference_ms_p95": summary.inference_ms_p95 or 0.0,
-        "per_gpu": MetadataValue.json({name: vars(gpu) for name, gpu in summary.per_gpu.items()}),
-        "failures_by_class": MetadataValue.json(summary.failures_by_class),
-        "gpu_request_retries": summary.gpu_request_retries,
-        "failure_ratio": round(summary.failure_ratio, 4),
+        "run_urls_total": summary.urls_total,
+        "run_urls_done": summary.final_count("done"),
+        "run_urls_failed": summary.final_count("failed_permanent"),
+        "run_urls_unfinished": summary.urls_unfinished,
+        "run_images_per_s": round(summary.images_per_s, 2),
+        "run_elapsed_s": round(summary.elapsed_s, 1),
+        "run_gpu_request_retries": summary.gpu_request_retries,
+        "run_failure_ratio": round(summary.failure_ratio, 4),
         # URLs left in the pool with a due time (retries, deferred hosts): a later run finishes them
-        "urls_waiting_for_retry": summary.urls_waiting_for_retry,
-        "next_retry_at": (summary.waiting_for_retry or {}).get("next_due_at") or "",
-        "last_retry_at": (summary.waiting_for_retry or {}).get("last_due_at") or "",
+        "run_urls_waiting_for_retry": summary.urls_waiting_for_retry,
+        "next_retry_at": waiting.get("next_due_at") or "",
+        "last_retry_at": waiting.get("last_due_at") or "",
         "downloads": MetadataValue.json(summary.downloads or {}),
         # per GPU endpoint: the adaptive limiter's and the circuit breaker's figures, whatever the tier's API
         "gpu_tier": MetadataValue.json(gpu_tier_figures(summary.router)),
@@ -80,10 +83,15 @@ def gpu_tier_figures(router: dict | None) -> dict:
     # the prompt and model identity (engine/versions.py): a change shows analysed shards as out of date
     code_version=configured_analysis_version().label,
     check_specs=checks.analysis_check_specs("image_analysis"),
+    pool=GPU_POOL,
     group_name="analysis",
     kinds={"postgres", "pytorch"},
+    owners=ASSET_OWNERS,
+    tags={"imgpipe/stage": "analysis"},
     description="Downloads every URL of the shard, analyses it with the Qwen-VL servers and stores one "
-    "row per URL in url_analysis_results. Run config: a profile (conservative/medium/aggressive) plus overrides.",
+    "row per URL in url_analysis_results. Run config: a profile (conservative/medium/aggressive) plus "
+    "overrides; an empty config (as the backfill dialog starts) means the job's profile, else medium. "
+    f"Runs share the `{GPU_POOL}` concurrency pool (the profile's max_concurrent_workers).",
 )
 def image_analysis(
     context: AssetExecutionContext,
@@ -91,14 +99,18 @@ def image_analysis(
     postgres: PostgresResource,
     gpu_model: GpuModelResource,
     fetcher: FetcherResource,
-) -> MaterializeResult:
+):
     shards = list(context.partition_keys)
     run_tags = dict(context.run.tags)
     profile = config.profile_name(run_tags)
+    if run_tags.get(PROFILE_TAG) != profile:
+        # asset-page and backfill launches carry no profile tag: label every run with the one it uses
+        context.instance.add_run_tags(context.run_id, {PROFILE_TAG: profile})
     try:
         worker, gpu = config.resolve(run_tags)
     except ProfileError as exc:
-        raise Failure(str(exc)) from None
+        # the run's own config is wrong: the run-failure sensor must not retry it, nor Dagster the step
+        raise Failure(str(exc), metadata={PERMANENT_FAILURE_KEY: CONFIG_ERROR}, allow_retries=False) from None
     model_path, tiny = gpu_model.resolved_model_path()
     prompt_name = configured_prompt()
     version = analysis_version(prompt_name, model_identity(model_path, tiny)).label
@@ -116,25 +128,21 @@ def image_analysis(
 
     with postgres.connect() as conn:
         report = verify(conn, shards, analysis_version=version)
-        parsing = parse_stats(conn, shards, version)
+        outcomes = read_shard_outcomes(conn, shards, context.run_id, version)
         duplicates = {shard: duplicate_counts(conn, shard, version) for shard in shards}
 
     metadata = {
         "profile": profile,
-        "shards": MetadataValue.json(shards),
+        "run_shards": MetadataValue.json(shards),
         "model": model_path + (" (tiny random test model: text is noise)" if tiny else ""),
         "analysis_version": version,
         # shards this run moved from another version (their old results are kept): {shard: previous version}
         "previous_versions": MetadataValue.json(runner.rebound),
         "prompt": prompt_name,
-        "duplicates_reused": sum(d.reused for d in duplicates.values()),
-        # same perceptual hash, other bytes: reported per shard, analysed separately
-        "near_duplicates": MetadataValue.json({shard: d.near_duplicates for shard, d in duplicates.items()}),
         "images_from_store": runner.image_store.read if runner.image_store else 0,
         "images_stored": runner.image_store.written if runner.image_store else 0,
         "gpu_api": gpu_model.api,
     } | summary_metadata(summary)
-    check_results = [checks.every_url_final(report), checks.analyses_parse(parsing, tiny), checks.failure_ratio(summary)]
     if not report.ok:
         context.log.error("verification failed:\n" + "\n".join(report.lines()))
     if report.unfinished and report.ok and sum(report.unfinished.values()) > summary.urls_waiting_for_retry:
@@ -144,7 +152,16 @@ def image_analysis(
             f"({json.dumps(report.unfinished)}); they stay in the pool and a later run finishes them",
             metadata={k: v for k, v in metadata.items() if not isinstance(v, MetadataValue)},
         )
-    return MaterializeResult(metadata=metadata, check_results=check_results)
+    for shard, outcome in outcomes.items():
+        # the shard's own figures first, the run's after them (the UI lists metadata in this order)
+        shard_own = shard_metadata(outcome, summary.elapsed_s) | {
+            "duplicates_reused": duplicates[shard].reused,
+            # same perceptual hash, other bytes: reported, analysed separately
+            "near_duplicates": duplicates[shard].near_duplicates,
+        }
+        context.add_asset_metadata(shard_own | metadata, partition_key=shard)
+    yield MaterializeResult()
+    yield from check_events(context, outcomes, tiny)
 
 
 def _analyse(

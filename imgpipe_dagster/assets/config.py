@@ -35,6 +35,9 @@ GpuServerOverrides = _overrides(
 # profile field left empty still gets the job's profile.
 PROFILE_TAG = "imgpipe/profile"
 DEFAULT_PROFILE = "medium"
+# The Dagster concurrency pool of GPU work: one slot per shard run in flight, whatever launched it.
+GPU_POOL = "imgpipe_gpu"
+ASSET_OWNERS = ["team:imgpipe"]
 
 
 # Dagster config takes an optional Enum (not an optional Literal).

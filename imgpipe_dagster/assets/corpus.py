@@ -9,10 +9,14 @@ import time
 
 import psycopg
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
     Config,
+    DagsterInstance,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -20,6 +24,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from imgpipe_dagster.assets.config import ASSET_OWNERS
 from imgpipe_dagster.corpus import CorpusInputError, IngestReport, ingest_files, sync_shard_partitions
 from imgpipe_dagster.corpus.shards import shard_ids
 from imgpipe_dagster.partitions import url_shards
@@ -98,12 +103,15 @@ def _sync_after(context: AssetExecutionContext, conn) -> list[str]:
 
 
 CHECK_PARTITIONS = "partitions_match_shards"
+URL_CORPUS_KEY = AssetKey("url_corpus")
 
 
 @asset(
     name="url_corpus",
     kinds={"postgres"},
     group_name="corpus",
+    owners=ASSET_OWNERS,
+    tags={"imgpipe/stage": "corpus"},
     check_specs=[AssetCheckSpec(CHECK_PARTITIONS, asset="url_corpus",
                                 description="the url_shards partitions are exactly the shards table's ids")],
     description="URL files ingested into corpus_urls (normalised, deduplicated) and cut into url_shards partitions.",
@@ -126,13 +134,31 @@ def url_corpus(context: AssetExecutionContext, config: UrlCorpusConfig, postgres
         f"{report.duplicates:,} duplicates, {report.rejected:,} rejected {json.dumps(report.rejected_by_reason)}"
     )
     with postgres.connect() as conn:
-        shards = set(shard_ids(conn))
-    partitions = set(context.instance.get_dynamic_partitions(url_shards.name))
-    check = AssetCheckResult(
-        check_name=CHECK_PARTITIONS,
-        passed=shards == partitions,
-        metadata={"shards": len(shards), "partitions": len(partitions),
-                  "missing_partitions": MetadataValue.json(sorted(shards - partitions)[:20]),
-                  "partitions_without_shard": MetadataValue.json(sorted(partitions - shards)[:20])},
-    )  # fmt: skip
+        passed, check_metadata = partitions_check(conn, context.instance)
+    check = AssetCheckResult(check_name=CHECK_PARTITIONS, passed=passed, metadata=check_metadata)
     return MaterializeResult(metadata=report_metadata(report, len(added)), check_results=[check])
+
+
+def partitions_check(conn, instance: DagsterInstance) -> tuple[bool, dict]:
+    """(passed, metadata) of the partitions_match_shards check: url_shards equals the shards table."""
+    shards = set(shard_ids(conn))
+    partitions = set(instance.get_dynamic_partitions(url_shards.name))
+    return shards == partitions, {
+        "shards": len(shards), "partitions": len(partitions),
+        "missing_partitions": MetadataValue.json(sorted(shards - partitions)[:20]),
+        "partitions_without_shard": MetadataValue.json(sorted(partitions - shards)[:20]),
+    }  # fmt: skip
+
+
+def record_ingest_outside_a_run(instance: DagsterInstance, conn, report: IngestReport, partitions_added: int,
+                                source: str) -> None:  # fmt: skip
+    """An ingest done outside Dagster (`imgpipe ingest`, `imgpipe demo`) recorded as a run would:
+    a url_corpus materialization with the asset's metadata and an evaluation of its check, so the UI
+    shows the corpus as it is and does not offer to materialize it again upstream of image_analysis."""
+    instance.report_runless_asset_event(AssetMaterialization(
+        asset_key=URL_CORPUS_KEY, metadata=report_metadata(report, partitions_added), tags={"imgpipe/source": source},
+    ))  # fmt: skip
+    passed, metadata = partitions_check(conn, instance)
+    instance.report_runless_asset_event(AssetCheckEvaluation(
+        asset_key=URL_CORPUS_KEY, check_name=CHECK_PARTITIONS, passed=passed, metadata=metadata,
+    ))  # fmt: skip

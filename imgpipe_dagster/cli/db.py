@@ -16,6 +16,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("db", help="manage the project database (embedded unless IMGPIPE_DATABASE_URL is set)")
     p.add_argument("action", choices=["up", "down", "url", "migrate", "status"])
     p.add_argument("--show-password", action="store_true", help="with url: print the password too")
+    p.add_argument("--dagster", action="store_true",
+                   help="with url: Dagster's storage URL (postgresql+psycopg2://…_dagster), the value of "
+                        f"{db.DAGSTER_DATABASE_URL_ENV} that `dagster job launch/execute` from a shell needs")
     p.set_defaults(handler=cmd_db)
 
     p = sub.add_parser("verify", help="check that every URL is in exactly one final state with its result row")
@@ -33,6 +36,8 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(db.redact(url))
     elif args.action == "url":
         url = db.resolve_database_url()
+        if args.dagster:
+            url = db.sqlalchemy_url(db.dagster_database_url(url))
         print(url if args.show_password else db.redact(url))
     elif args.action == "migrate":
         from imgpipe_dagster.store.migrations import migrate

@@ -64,20 +64,25 @@ def _printer():
     return progress
 
 
-def _register_partitions(conn) -> int:
+def _register_partitions(conn, report: IngestReport | None) -> int:
     from dagster import DagsterInstance
+
+    from imgpipe_dagster.assets.corpus import record_ingest_outside_a_run
 
     if not os.environ.get("DAGSTER_HOME"):
         dagster_home()
     with DagsterInstance.get() as instance:
-        return len(sync_shard_partitions(instance, conn))
+        added = len(sync_shard_partitions(instance, conn))
+        if report is not None:  # the UI shows url_corpus materialized, with its check, as after a UI ingest
+            record_ingest_outside_a_run(instance, conn, report, added, source="cli")
+        return added
 
 
-def _register_partitions_safely(conn) -> int | None:
+def _register_partitions_safely(conn, report: IngestReport | None) -> int | None:
     """Also runs after a failed ingest (earlier files were committed); never hides that failure."""
     try:
         conn.rollback()  # leave no failed transaction behind before reading the shard list
-        return _register_partitions(conn)
+        return _register_partitions(conn, report)
     except Exception as exc:  # noqa: BLE001 - reported, and the next ingest or the asset catches up
         print(f"imgpipe ingest: could not register url_shards partitions: {exc}", file=sys.stderr)
         return None
@@ -91,6 +96,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"imgpipe ingest: {exc}", file=sys.stderr)
         return 2
     url = prepare_environment()
+    report = None
     with db.connect(url) as conn:
         try:
             report = ingest_files(conn, args.files, url_column=args.column, shard_size=args.shard_size,
@@ -99,7 +105,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"imgpipe ingest: {exc}", file=sys.stderr)
             return 2
         finally:
-            added = None if args.no_partitions else _register_partitions_safely(conn)
+            added = None if args.no_partitions else _register_partitions_safely(conn, report)
     if args.json:
         print(json.dumps(report.as_dict() | {"partitions_added": added}, ensure_ascii=False))
     else:

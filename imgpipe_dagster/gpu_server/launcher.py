@@ -102,10 +102,16 @@ class Endpoint:
 
 
 def detect_devices() -> list[str]:
-    """One entry per visible CUDA GPU ("cuda:0", "cuda:1", ...), or ["cpu"] without one."""
-    import torch
+    """One entry per visible CUDA GPU ("cuda:0", "cuda:1", ...), or ["cpu"] without one.
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    torch counts them in a child process: the caller (a Dagster step) only starts the servers and
+    would otherwise carry torch's ~200 MB for the whole run."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+        count = int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        count = 0
     return [f"cuda:{index}" for index in range(count)] or ["cpu"]
 
 

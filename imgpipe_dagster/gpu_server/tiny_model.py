@@ -17,8 +17,6 @@ import json
 import shutil
 from pathlib import Path
 
-from imgpipe_dagster.gpu_server.image_prep import CLIP_MEAN, CLIP_STD
-
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -111,6 +109,9 @@ def write_tokenizer(out_dir: Path, special_base_id: int | None = None) -> int:
 
 
 def write_preprocessor_config(out_dir: Path, min_pixels: int = 28 * 28 * 4, max_pixels: int = 448 * 448) -> None:
+    # imported here: image_prep loads torch, which is_tiny_model's callers (the Dagster step) do not need
+    from imgpipe_dagster.gpu_server.image_prep import CLIP_MEAN, CLIP_STD
+
     config = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2VLProcessor",

@@ -17,7 +17,9 @@ Every ``minimum_interval_seconds`` (30 s) one tick:
    ``partition_key=<shard>``, ``run_key=<shard>@<decision id>`` (unique per shard and attempt,
    even after a cursor reset) and the tags ``imgpipe/kind=shard_run``,
    ``imgpipe/source=throttle``, ``imgpipe/decision=<id>``;
-5. stores the decision with all its inputs in ``throttle_decisions`` and logs it; the state
+5. sets the Dagster concurrency pool ``imgpipe_gpu`` to the profile's ``max_concurrent_workers``
+   (``imgpipe_dagster.pool``), so runs launched elsewhere (backfills, the UI) keep to the same limit;
+6. stores the decision with all its inputs in ``throttle_decisions`` and logs it; the state
    (profile, healthy_since, pause, last decision) is the sensor's cursor (JSON), so a restart or a
    new daemon resumes where it was. A missing cursor starts at ``start_profile`` (medium).
 
@@ -54,10 +56,12 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+from imgpipe_dagster.assets.config import GPU_POOL
 from imgpipe_dagster.deploy.celery_nodes import queues_for
 from imgpipe_dagster.environment import read_environment
 from imgpipe_dagster.gpu_server.discovery import discover_endpoints
-from imgpipe_dagster.jobs import ANALYSIS_JOBS, PROFILE_TAG, analysis_job_name
+from imgpipe_dagster.jobs import ANALYSIS_JOBS, NIGHTLY_PRIORITY, PRIORITY_TAG, PROFILE_TAG, analysis_job_name
+from imgpipe_dagster.pool import sync_pool_limit
 from imgpipe_dagster.profiles import PROFILE_NAMES
 from imgpipe_dagster.resources import GpuModelResource, PostgresResource
 from imgpipe_dagster.throttle import queries
@@ -127,6 +131,8 @@ def shard_run_request(
     shard: str, profile: str, decision_id: int, source: str = "throttle", queue: str | None = None
 ) -> RunRequest:
     tags = {KIND_TAG: SHARD_RUN, SOURCE_TAG: source, DECISION_TAG: str(decision_id)}
+    if source == "nightly":
+        tags[PRIORITY_TAG] = str(NIGHTLY_PRIORITY)  # retries and manual runs go first
     if queue:
         tags[QUEUE_TAG] = queue  # the Celery node that runs it (docs/DEPLOY.md)
     return RunRequest(
@@ -164,6 +170,8 @@ def throttle_tick(
         if decision_id % PRUNE_EVERY == 0:
             queries.prune_decisions(conn, KEEP_TICKS_DAYS)
     context.log.info(describe(decision_id, decision, inputs, tick_ms))
+    if sync_pool_limit(context.instance, decision.limit):
+        context.log.info(f"pool {GPU_POOL}: {decision.limit} slots ({decision.profile})")
     # On Celery nodes a shard goes to a node with a free slot; the others wait for a later tick.
     queues = queues_for(context.instance, runs, decision.submit, turn=decision_id)
     submit = decision.submit if queues is None else [shard for shard in decision.submit if shard in queues]
@@ -180,6 +188,10 @@ def throttle_tick(
     )
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms"
+
+
 def describe(decision_id: int, decision: Decision, inputs: TickInputs, tick_ms: float) -> str:
     w = inputs.window
     gpus = (
@@ -189,7 +201,7 @@ def describe(decision_id: int, decision: Decision, inputs: TickInputs, tick_ms: 
     return (
         f"throttle #{decision_id} {decision.action} [{decision.profile}{' PAUSED' if decision.paused else ''}]: "
         f"{decision.reason} | window {w.samples} URLs {w.rate_per_s:.1f}/s failures {w.failure_ratio:.2f} "
-        f"timeouts {w.timeout_ratio:.2f} p95 download {w.p95_download_ms} ms inference {w.p95_inference_ms} ms | "
+        f"timeouts {w.timeout_ratio:.2f} p95 download {_ms(w.p95_download_ms)} inference {_ms(w.p95_inference_ms)} | "
         f"GPUs {gpus} | backlog {inputs.backlog.shards_with_work} shards, "
         f"{inputs.backlog.urls_unfinished}{'+' if inputs.backlog.urls_capped else ''} URLs | "
         f"in flight {inputs.runs_in_flight}/{decision.limit} | {tick_ms:.0f} ms"

@@ -278,7 +278,10 @@ class ThrottleState:
     ticks: int = 0
 
     def to_cursor(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        """JSON a person can read on the sensor's page: spaces where the line may wrap, times to the
+        second (that is all min_dwell_s and the healthy period need), nothing left unset."""
+        values = {k: round(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+        return json.dumps({k: v for k, v in values.items() if v is not None}, separators=(", ", ": "))
 
     @classmethod
     def from_cursor(cls, cursor: str | None, settings: ThrottleSettings) -> ThrottleState:

@@ -84,14 +84,26 @@ def test_two_shards_end_to_end(dagster_instance, database_url, conn, image_serve
     assert len(rows) == len(good)
     assert all(r[0] and r[1] and r[2] and len(r[3]) == 64 and r[4] is not None and r[5] is not None for r in rows)
     assert {r[6] for r in rows} <= {"gpu0", "gpu1"} and all(r[7] for r in rows)
-    materializations = result.get_asset_materialization_events()
-    assert sorted(e.materialization.partition for e in materializations) == ["s000001", "s000002"]
-    metadata = materializations[0].materialization.metadata
-    assert metadata["urls_done"].value == 6 and metadata["urls_failed"].value == 3
-    assert metadata["profile"].value == "medium" and metadata["images_per_s"].value > 0
-    assert set(metadata["per_gpu"].value) <= {"gpu0", "gpu1"}
-    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks[CHECK_COMPLETE] is True
+    # each shard's materialization has its own figures (s000001: 3 good + 2 bad, s000002: 3 good + 1 bad)
+    materializations = {e.materialization.partition: e.materialization.metadata
+                        for e in result.get_asset_materialization_events()}  # fmt: skip
+    assert sorted(materializations) == ["s000001", "s000002"]
+    first, second = materializations["s000001"], materializations["s000002"]
+    assert (first["urls_total"].value, first["urls_done"].value, first["urls_failed"].value) == (5, 3, 2)
+    assert (second["urls_total"].value, second["urls_done"].value, second["urls_failed"].value) == (4, 3, 1)
+    assert first["failures_by_class"].value == {"http_404": 1, "not_an_image": 1}
+    assert second["failures_by_class"].value == {"http_410": 1}
+    assert first["run_urls_done"].value == 6  # the run's sum, under its own name
+    assert first["profile"].value == "medium" and first["images_per_s"].value > 0
+    assert set(first["per_gpu"].value) <= {"gpu0", "gpu1"}
+    assert sum(g["images"] for m in (first, second) for g in m["per_gpu"].value.values()) == 6
+    sample = first["results_sample"].value.records
+    assert len(sample) == 5 and {r.data["error_class"] for r in sample} == {"", "http_404", "not_an_image"}
+    # one result per shard for each check, each on its partition
+    evaluations = result.get_asset_check_evaluations()
+    complete = {e.partition: e.passed for e in evaluations if e.check_name == CHECK_COMPLETE}
+    assert complete == {"s000001": True, "s000002": True}
+    assert all(e.target_materialization_data is not None for e in evaluations)
 
 
 KILLABLE_RUN = textwrap.dedent("""

@@ -7,6 +7,7 @@ from dagster import AssetCheckSeverity
 from imgpipe_dagster.assets import checks
 from imgpipe_dagster.assets.analysis import summary_metadata
 from imgpipe_dagster.engine.stats import GpuThroughput, RunStats, RunSummary
+from imgpipe_dagster.store.shard_report import ShardFigures
 from imgpipe_dagster.store.stats import ParseStats, parse_stats
 from imgpipe_dagster.store.verify import VerifyReport
 from imgpipe_dagster_tests.support import seed_corpus
@@ -38,20 +39,25 @@ def test_a_summary_while_running_has_no_final_states():
     assert summary.final_state_counts is None and summary.failure_ratio == 0.0 and summary.urls_done == 1
 
 
-def test_metadata_comes_from_the_summary():
+def test_run_wide_metadata_comes_from_the_summary_under_run_names():
     metadata = summary_metadata(finished_run(done=6, failed=3))
-    assert metadata["urls_done"] == 6 and metadata["urls_failed"] == 3 and metadata["urls_unfinished"] == 0
-    assert metadata["failure_ratio"] == round(3 / 9, 4)
-    assert metadata["per_gpu"].value["gpu0"]["images"] == 6
-    assert metadata["download_ms_p50"] == 0.0  # no sample: a number for the UI's plots, not None
+    assert metadata["run_urls_done"] == 6 and metadata["run_urls_failed"] == 3
+    assert metadata["run_urls_unfinished"] == 0 and metadata["run_failure_ratio"] == round(3 / 9, 4)
+    # the plain names are each shard's own (shard_results), never the run's sum
+    assert not {"urls_total", "urls_done", "per_gpu", "failures_by_class"} & set(metadata)
+
+
+def shard(done: int, failed: int) -> ShardFigures:
+    return ShardFigures("s000001", {"done": done, "failed_permanent": failed}, done + failed, failed,
+                        {"http_404": failed})  # fmt: skip
 
 
 def test_failure_ratio_check_warns_then_errors():
-    healthy = checks.failure_ratio(finished_run(done=95, failed=5))
+    healthy = checks.failure_ratio(shard(done=95, failed=5))
     assert healthy.passed and healthy.metadata["finished"].value == 100
-    warned = checks.failure_ratio(finished_run(done=70, failed=30))
+    warned = checks.failure_ratio(shard(done=70, failed=30))
     assert not warned.passed and warned.severity == AssetCheckSeverity.WARN
-    broken = checks.failure_ratio(finished_run(done=20, failed=80))
+    broken = checks.failure_ratio(shard(done=20, failed=80))
     assert not broken.passed and broken.severity == AssetCheckSeverity.ERROR
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dagster import materialize
+from dagster import AssetCheckKey, AssetKey, materialize
 
 from imgpipe_dagster.assets.corpus import url_corpus
 from imgpipe_dagster.corpus import ingest_files, sync_shard_partitions
@@ -98,6 +98,14 @@ def test_cli_ingest_registers_partitions_in_dagster_home(conn, dagster_instance,
     assert report["added"] == 60 and report["shards_added"] == ["s000001", "s000002", "s000003"]
     assert report["partitions_added"] == 3
     assert partitions(dagster_instance) == table_shards(conn)
+    # url_corpus shows materialized, with the metadata a UI ingest records, and its check evaluated
+    key = AssetKey("url_corpus")
+    materialization = dagster_instance.get_latest_materialization_event(key).asset_materialization
+    assert materialization.metadata["urls_added"].value == 60 and materialization.metadata["shards_added"].value == 3
+    assert materialization.tags["imgpipe/source"] == "cli"
+    (check,) = dagster_instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(key, "partitions_match_shards"), limit=5)  # fmt: skip
+    assert check.status.value == "SUCCEEDED"
 
     assert cli.main(["ingest", str(path)]) == 0  # re-ingest: skipped
     assert "already ingested" in capsys.readouterr().out

@@ -3,11 +3,21 @@ set with the conservative profile), against a real Postgres and Dagster instance
 
 from __future__ import annotations
 
-from dagster import DefaultScheduleStatus, build_run_status_sensor_context, build_schedule_context
+from dagster import (
+    AssetKey,
+    DagsterRunStatus,
+    DefaultScheduleStatus,
+    Definitions,
+    build_run_status_sensor_context,
+    build_schedule_context,
+)
 from dagster._core.events import JobFailureData
+from dagster._core.test_utils import create_run_for_test
 from dagster._utils.error import SerializableErrorInfo
 
-from imgpipe_dagster.resources import PostgresResource
+from imgpipe_dagster.assets.analysis import image_analysis
+from imgpipe_dagster.jobs import ANALYSIS_JOBS
+from imgpipe_dagster.resources import FetcherResource, GpuModelResource, PostgresResource
 from imgpipe_dagster.schedules import (
     DEFAULT_NIGHTLY_SHARDS,
     build_nightly_schedule,
@@ -65,11 +75,11 @@ def test_failed_run_releases_its_leases_and_is_retried_a_bounded_number_of_times
         assert row[3] == "Failure: GPU server http://#.#.#.#:# answered # after # retries (run #)"
         actions.append(row[0])
         if row[0] == "retried":
-            assert (
-                result.partition_key == shard and result.job_name == "analyze_medium"
-            )  # the throttle's profile
+            # the run again as it was: its job (profile), not the throttle's profile
+            assert result.partition_key == shard and result.job_name == "analyze_aggressive"
             assert result.run_key == f"retry:{run.run_id}"
             assert result.tags["imgpipe/retry_of"] == run.run_id
+            assert int(result.tags["dagster/priority"]) > 0
         else:
             assert "budget_spent" in result.skip_message
     assert actions == ["retried", "retried", "budget_spent", "budget_spent"]
@@ -95,6 +105,74 @@ def test_no_retry_while_the_throttle_is_paused(dagster_instance, conn, database_
     assert "left_to_throttle" in result.skip_message and "GPU server is down" in result.skip_message
 
 
+def test_a_retry_carries_the_runs_own_config_and_tags(dagster_instance, conn, database_url):
+    shard = seed_shards(conn, dagster_instance, 1)[0]
+    store_throttle_state(conn, paused=False, profile="conservative")
+    config = {"ops": {"image_analysis": {"config": {"profile": "aggressive", "worker": {"chunk_size": 7}}}}}
+    run = create_run_for_test(
+        dagster_instance, job_name="analyze_medium", status=DagsterRunStatus.STARTED, run_config=config,
+        tags={"dagster/partition": shard, "imgpipe/profile": "aggressive", "imgpipe/kind": "shard_run",
+              "imgpipe/source": "manual", "team": "vision"},
+    )  # fmt: skip
+
+    request = evaluate(dagster_instance, database_url, run, fail_run(dagster_instance, run))
+
+    assert request.job_name == "analyze_medium" and request.run_config == config
+    assert request.partition_key == shard
+    carried = {k: request.tags[k] for k in ("imgpipe/profile", "imgpipe/kind", "imgpipe/source", "team")}
+    assert carried == {"imgpipe/profile": "aggressive", "imgpipe/kind": "shard_run", "imgpipe/source": "manual",
+                       "team": "vision"}  # fmt: skip
+    assert request.tags["imgpipe/retry_of"] == run.run_id
+
+
+def test_a_backfill_run_is_retried_as_its_profiles_job_and_other_runs_are_skipped(
+    dagster_instance, conn, database_url
+):
+    shards = seed_shards(conn, dagster_instance, 2)
+    config = {"ops": {"image_analysis": {"config": {"profile": "aggressive"}}}}
+    backfill_run = create_run_for_test(
+        dagster_instance, job_name="__ASSET_JOB", status=DagsterRunStatus.STARTED, run_config=config,
+        asset_selection=frozenset({AssetKey("image_analysis")}),
+        tags={"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[1],
+              "dagster/backfill": "abcdefgh", "imgpipe/profile": "aggressive"},
+    )  # fmt: skip
+    request = evaluate(dagster_instance, database_url, backfill_run, fail_run(dagster_instance, backfill_run))
+    assert request.job_name == "analyze_aggressive" and request.run_config == config
+    assert (request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]) \
+        == (shards[0], shards[1])  # fmt: skip
+    assert "dagster/backfill" not in request.tags  # the retry is not one of the backfill's runs
+
+    report_run = create_run_for_test(dagster_instance, job_name="refresh_progress_report",
+                                     status=DagsterRunStatus.STARTED)  # fmt: skip
+    skipped = evaluate(dagster_instance, database_url, report_run, fail_run(dagster_instance, report_run))
+    assert "not a shard run" in skipped.skip_message
+
+
+def test_a_config_error_is_never_retried_and_the_tick_says_why(dagster_instance, conn, database_url):
+    """A real run of analyze_medium whose worker override breaks the profile's rules (chunk_size 0)."""
+    shard = seed_shards(conn, dagster_instance, 1, urls_per_shard=3)[0]
+    job = Definitions(
+        assets=[image_analysis], jobs=[ANALYSIS_JOBS["medium"]],
+        resources={"postgres": PostgresResource(database_url=database_url), "gpu_model": GpuModelResource(),
+                   "fetcher": FetcherResource()},
+    ).resolve_job_def("analyze_medium")  # fmt: skip
+    bad = {"ops": {"image_analysis": {"config": {"profile": "medium", "worker": {"chunk_size": 0}}}}}
+    result = job.execute_in_process(run_config=bad, partition_key=shard, instance=dagster_instance,
+                                    raise_on_error=False)  # fmt: skip
+    assert not result.success
+    run = dagster_instance.get_run_by_id(result.run_id)
+    (failure,) = [e.dagster_event for e in dagster_instance.all_logs(run.run_id)
+                  if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE"]  # fmt: skip
+
+    skipped = evaluate(dagster_instance, database_url, run, failure)
+
+    assert "not_retried" in skipped.skip_message and "config error" in skipped.skip_message
+    assert "chunk_size" in skipped.skip_message
+    row = conn.execute("SELECT action FROM run_failures WHERE run_id = %s", (run.run_id,)).fetchone()
+    assert row == ("not_retried",)
+    assert shard_state_counts(conn, [shard])["pending"] == 3  # nothing lost, nothing claimed
+
+
 def nightly(instance, database_url, schedule=nightly_schedule):
     context = build_schedule_context(instance=instance,
                                      resources={"postgres": PostgresResource(database_url=database_url)})  # fmt: skip
@@ -115,6 +193,7 @@ def test_nightly_requests_a_bounded_set_with_the_conservative_profile(dagster_in
     assert [r.partition_key for r in requests] == [shards[5], *shards[7:26]]
     assert {r.job_name for r in requests} == {"analyze_conservative"}
     assert all(r.tags["imgpipe/source"] == "nightly" for r in requests)
+    assert all(int(r.tags["dagster/priority"]) < 0 for r in requests)  # behind retries and manual runs
     assert len({r.run_key for r in requests}) == 20
     stored = conn.execute("SELECT source, profile, cardinality(submitted) FROM throttle_decisions").fetchall()
     assert stored == [("nightly", "conservative", 20)]

@@ -1,5 +1,11 @@
 """The Dagster UI as an operator uses it: `imgpipe dev` in a subprocess, driven by headless Debian
-Chromium through Playwright (never a downloaded browser). Screenshots go to artifacts/ui/.
+Chromium through Playwright (never a downloaded browser). Screenshots go to .ci/artifacts/ui/.
+
+The corpus comes in through the command line (`imgpipe ingest`, twice: a 3-URL shard s000001 and a
+33-URL shard s000002), so the UI must show url_corpus materialized without a UI run. Then, in order:
+a launchpad run of one shard, a backfill of both shards with the aggressive profile picked in the
+backfill dialog, each shard's own figures, checks and results sample, and a run with a bad config
+that the run-failure sensor does not retry.
 
 Without /usr/bin/chromium the module skips, saying so, except in CI (CI=true), where it fails:
 `.ci/run` installs Debian's chromium, so a missing browser there is a broken CI, not a reason to skip.
@@ -20,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -31,15 +38,16 @@ from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
 from imgpipe_dagster_tests.conftest import REPO_ROOT, SESSION_MARK, _create_from_template
-from imgpipe_dagster_tests.support import seed_corpus
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-ARTIFACTS = REPO_ROOT / "artifacts" / "ui"
+ARTIFACTS = REPO_ROOT / ".ci" / "artifacts" / "ui"
 SHARDS = ("s000001", "s000002")
+SHARD_SIZES = {"s000001": 3, "s000002": 33}
+SENSOR_TIMEOUT_S = 180  # the run-failure sensor ticks every 30 s
 STARTUP_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 480  # run worker start + two GPU server starts + 3 URLs, on a loaded 2-core box
 UI_TIMEOUT_MS = 90_000  # the asset graph lays itself out in a web worker: slow on a busy 2-core box
@@ -175,21 +183,31 @@ def image_server_module():
         yield server
 
 
+def _cli_ingest(env: dict[str, str], path: Path) -> str:
+    """`imgpipe ingest` as a user types it; its output."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from imgpipe_dagster.cli import main; sys.exit(main())",
+         "ingest", str(path), "--shard-size", "33"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Iterator[DevServer]:
-    """`imgpipe dev` on a fresh project database with two seeded shards."""
+    """`imgpipe dev` on a fresh project database, its corpus ingested with `imgpipe ingest`."""
     database_url = _create_from_template(pg_server_url, f"imgpipe_test_{_templates['run']}_ui", _templates["project"])
     _templates["created"] += [db.database_name(database_url), db.database_name(db.dagster_database_url(database_url))]
     server = image_server_module
-    with db.connect(database_url) as conn:
-        seed_corpus(conn, {
-            "s000001": [server.image_url(n, e, width=w, n=i) for i, (n, e, w) in
-                        enumerate([("astronaut", "png", 640), ("chelsea", "jpg", 300), ("coffee", "jpg", 500)])],
-            "s000002": [server.image_url("rocket", "jpg", width=400, n=i) for i in range(3)],
-        })  # fmt: skip
     # under the repo: the embedded tooling dislikes pytest's 0700 temp parents
     home = REPO_ROOT / ".imgpipe" / f"ui-{uuid.uuid4().hex[:8]}"
     home.mkdir(parents=True)
+    photos = [("astronaut", "png", 640), ("chelsea", "jpg", 300), ("coffee", "jpg", 500)]
+    files = {
+        "s000001": [server.image_url(n, e, width=w, n=i) for i, (n, e, w) in enumerate(photos)],
+        "s000002": [server.image_url("rocket", "jpg", width=96 + 8 * i, n=i) for i in range(33)],
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "IMGPIPE_"))} | {
         "IMGPIPE_HOME": str(home),
         db.DATABASE_URL_ENV: database_url,
@@ -202,6 +220,10 @@ def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Itera
     }
     process = None
     try:
+        for shard, urls in files.items():
+            path = home / f"{shard}.csv"
+            path.write_text("url\n" + "\n".join(urls) + "\n")
+            assert "1 url_shards partitions added" in _cli_ingest(env, path)
         process, base_url, location, repository = _start_dev(env, home)
         yield DevServer(base_url, location, repository, home, database_url)
     finally:
@@ -222,7 +244,7 @@ def browser_context(tmp_path_factory, chromium):
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")),  # Playwright passes it as --user-data-dir
             executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1600, "height": 1000},
+            viewport={"width": 1600, "height": 1000}, timezone_id="UTC",
         )  # fmt: skip
         context.set_default_timeout(UI_TIMEOUT_MS)
         try:
@@ -363,3 +385,177 @@ def test_a_shard_launched_from_the_launchpad_runs_to_success(dev, page):
     page.get_by_text("s000001", exact=True).first.click()
     page.get_by_text("conservative").first.wait_for(state="visible")  # the profile metadata of the shard
     shot(page, "06_partition_materialized")
+
+
+def test_url_corpus_is_materialized_after_a_cli_ingest(dev, page):
+    data = dev.graphql("""{ assetNodeOrError(assetKey: {path: ["url_corpus"]}) { ... on AssetNode {
+        assetMaterializations(limit: 5) { tags { key value } metadataEntries { label
+          ... on IntMetadataEntry { intValue } } } } } }""")  # fmt: skip
+    materializations = data["assetNodeOrError"]["assetMaterializations"]
+    assert len(materializations) == 2  # one per `imgpipe ingest`, newest first
+    latest = {e["label"]: e.get("intValue") for e in materializations[0]["metadataEntries"]}
+    assert latest["urls_added"] == 33 and latest["shards_added"] == 1
+    assert {t["key"]: t["value"] for t in materializations[0]["tags"]}["imgpipe/source"] == "cli"
+
+    page.goto(f"{dev.base_url}/assets/url_corpus")
+    page.get_by_text("Latest materialization").first.wait_for(state="visible")
+    page.get_by_text("urls_added", exact=True).first.wait_for(state="visible")
+    page.get_by_text("Never materialized").wait_for(state="detached")
+    shot(page, "07_url_corpus_after_cli_ingest")
+    page.goto(f"{dev.base_url}/assets/url_corpus?view=checks")
+    page.get_by_text("partitions_match_shards", exact=True).first.wait_for(state="visible")
+    page.get_by_text("Passed").first.wait_for(state="visible")
+    shot(page, "08_url_corpus_check_after_cli_ingest")
+
+
+BACKFILL_CONFIG = """ops:
+  image_analysis:
+    config:
+      profile: aggressive
+      worker:
+        images_per_request: 4
+        chunk_size: 4
+        lease_seconds: 5
+        retry_delay: 0.05
+"""
+BACKFILLS = """{ partitionBackfillsOrError(limit: 5) { ... on PartitionBackfills { results { id status
+  runs { runId status tags { key value } } } } } }"""
+ANALYSIS_RUNS = """{ runsOrError(filter: {}) { ... on Runs { results { runId status jobName
+  tags { key value } assetSelection { path } } } } }"""
+
+
+def _wait_for_backfill(dev: DevServer) -> dict:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    backfill = None
+    while time.monotonic() < deadline:
+        results = dev.graphql(BACKFILLS)["partitionBackfillsOrError"]["results"]
+        backfill = results[0] if results else None
+        runs = (backfill or {}).get("runs") or []
+        if backfill and backfill["status"] in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED") \
+                and runs and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):  # fmt: skip
+            return backfill
+        time.sleep(2)
+    pytest.fail(f"the backfill did not finish in {RUN_TIMEOUT_S}s: {backfill}\n"
+                f"{(dev.home / 'imgpipe-dev.log').read_text()[-3000:]}")  # fmt: skip
+
+
+def _metadata_value(page, label: str) -> str:
+    """The value cell of a metadata row on the partition page."""
+    row = page.locator("tr", has=page.get_by_text(label, exact=True)).first
+    row.wait_for(state="visible")
+    return row.locator("td").nth(1).inner_text().strip()
+
+
+def test_a_multi_shard_backfill_with_a_profile_picked_in_the_dialog(dev, page):
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions")
+    page.get_by_text("s000002", exact=True).first.wait_for(state="visible")
+    page.get_by_role("button", name="Materialize…").click()
+    page.get_by_role("button", name="All", exact=True).click()
+    page.get_by_text("Config", exact=True).click()
+    page.get_by_role("button", name="Add config").click()
+    page.locator(".CodeMirror").first.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(BACKFILL_CONFIG)
+    page.get_by_text("No errors").wait_for(state="visible")
+    page.get_by_role("button", name="Save config").click()
+    page.get_by_text("profile: aggressive").first.wait_for(state="visible")
+    shot(page, "09_backfill_dialog_aggressive_two_shards")
+    page.get_by_role("button", name="Launch backfill").click()
+
+    backfill = _wait_for_backfill(dev)
+    assert [r["status"] for r in backfill["runs"]] == ["SUCCESS"], backfill  # both shards in one run
+    (run,) = backfill["runs"]
+    assert {t["key"]: t["value"] for t in run["tags"]}.get("imgpipe/profile") == "aggressive"
+    page.goto(f"{dev.base_url}/runs/b/{backfill['id']}")
+    page.get_by_text("s000002").first.wait_for(state="visible")
+    shot(page, "10_backfill_page")
+
+
+def test_every_analysis_run_carries_its_profile(dev):
+    runs = [r for r in dev.graphql(ANALYSIS_RUNS)["runsOrError"]["results"]
+            if r["jobName"].startswith("analyze_") or ["image_analysis"] in [a["path"] for a in r["assetSelection"] or []]]  # fmt: skip
+    assert len(runs) >= 2  # the launchpad run and the backfill's (asset job) run
+    profiles = {r["runId"]: {t["key"]: t["value"] for t in r["tags"]}.get("imgpipe/profile") for r in runs}
+    assert None not in profiles.values(), profiles
+    assert {"conservative", "aggressive"} <= set(profiles.values())
+
+
+@pytest.mark.parametrize("shard", SHARDS)
+def test_each_partition_shows_its_own_counts_and_results(dev, page, shard):
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions&partition={shard}")
+    page.get_by_text(shard, exact=True).first.wait_for(state="visible")
+    assert _metadata_value(page, "urls_total") == str(SHARD_SIZES[shard])
+    assert _metadata_value(page, "urls_done") == str(SHARD_SIZES[shard])
+    assert _metadata_value(page, "profile") == "aggressive"
+    shot(page, f"11_partition_{shard}_counts")
+    sample = page.locator("tr", has=page.get_by_text("results_sample", exact=True)).first
+    sample.scroll_into_view_if_needed()
+    rows = sample.locator("table tr")
+    assert rows.count() == 1 + min(8, SHARD_SIZES[shard])  # header + up to 8 analysed results
+    assert "/img/" in rows.nth(1).inner_text()
+    shot(page, f"12_partition_{shard}_results_sample")
+
+
+def test_each_partition_has_its_own_check_results(dev, page):
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=checks&checkDetail=every_url_final")
+    page.get_by_text("blocking").first.wait_for(state="visible")
+    page.get_by_role("tab", name="Partitions").last.click()
+    page.get_by_text("Passed (2)").wait_for(state="visible")  # one result per shard, both passed
+    shot(page, "13_every_url_final_per_partition")
+
+
+BAD_CONFIG = """ops:
+  image_analysis:
+    config:
+      profile: medium
+      worker:
+        chunk_size: 0
+"""
+SENSOR_TICKS = """query($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) { ... on Sensor {
+  sensorState { ticks(limit: 20) { status skipReason timestamp } } } } }"""
+
+
+def test_a_bad_config_run_is_not_retried_and_the_sensor_says_why(dev, page):
+    page.goto(f"{dev.base_url}/locations/{dev.repository}@{dev.location}/jobs/analyze_medium/playground")
+    picker = page.get_by_placeholder("Partition")
+    picker.click()
+    picker.fill("s000001")
+    page.get_by_text("s000001", exact=True).last.click()
+    page.locator(".CodeMirror").first.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(BAD_CONFIG)
+    page.get_by_text("No errors").wait_for(state="visible")  # a type-correct value the profile refuses
+    page.get_by_role("button", name="Launch Run").click()
+    page.wait_for_url("**/runs/**")
+    run_id = page.url.rstrip("/").split("/runs/")[1].split("?")[0].split("/")[0]
+
+    selector = {"repositoryName": dev.repository, "repositoryLocationName": dev.location,
+                "sensorName": "shard_run_failures"}  # fmt: skip
+    deadline = time.monotonic() + SENSOR_TIMEOUT_S
+    tick = None
+    while time.monotonic() < deadline and tick is None:
+        ticks = dev.graphql(SENSOR_TICKS, {"selector": selector})["sensorOrError"]["sensorState"]["ticks"]
+        tick = next((t for t in ticks if run_id in (t["skipReason"] or "")), None)
+        time.sleep(3)
+    assert tick is not None, f"no tick of shard_run_failures mentions run {run_id}"
+    reason = tick["skipReason"]
+    assert "not_retried" in reason and "config error" in reason and "chunk_size" in reason, reason
+    runs = dev.graphql(ANALYSIS_RUNS)["runsOrError"]["results"]
+    assert not [r for r in runs if {t["key"]: t["value"] for t in r["tags"]}.get("imgpipe/retry_of") == run_id]
+    assert [r["status"] for r in runs if r["runId"] == run_id] == ["FAILURE"]
+
+    # the tick's log in the UI: its row is labelled with the tick's time (the browser runs in UTC)
+    page.goto(f"{dev.base_url}/locations/{dev.repository}@{dev.location}/sensors/shard_run_failures")
+    label = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%-I:%M:%S %p")
+    page.locator("tr", has_text=label).first.get_by_role("button", name="View logs").click()
+    page.get_by_text("not_retried").first.wait_for(state="visible")
+    shot(page, "14_bad_config_not_retried_sensor_tick")
+
+
+def test_dev_printed_no_python_warnings_or_notices(dev):
+    """Python warnings (ours or Dagster's about how we use it), alembic's storage check and Dagster's
+    notice about a dagster.yaml in the working folder: none of them in what `imgpipe dev` prints."""
+    log = (dev.home / "imgpipe-dev.log").read_text(errors="replace")
+    noise = [line for line in log.splitlines()
+             if re.search(r"\b\w+Warning: |alembic|Found a dagster instance configuration", line)]  # fmt: skip
+    assert not noise, noise[:5]
