@@ -30,7 +30,6 @@ from dagster import (
     define_asset_job,
     sensor,
 )
-from dagster._core.storage.defs_state.base import set_defs_state_storage
 
 from imgpipe_dagster.store.database import DAGSTER_DATABASE_URL_ENV, sqlalchemy_url
 
@@ -59,11 +58,7 @@ def _partitions_name(partitions_def) -> str | None:
 
 def definitions_snapshot(defs: Definitions) -> dict:
     """The reviewable shape of a code location, as plain sorted data."""
-    # Resolving the graph reads Dagster's current defs-state storage, a context variable that a Dagster
-    # instance of an earlier test may have left pointing at itself after it was gone ("Attempted to
-    # resolve undefined DagsterInstance weakref"); the shape of the definitions needs no instance.
-    with set_defs_state_storage(None):
-        graph = defs.resolve_asset_graph()
+    graph = defs.resolve_asset_graph()
     checks: dict[str, list[str]] = {}
     for check_key in graph.asset_check_keys:
         checks.setdefault(check_key.asset_key.to_user_string(), []).append(check_key.name)
