@@ -174,9 +174,11 @@ def test_a_config_error_is_never_retried_and_the_tick_says_why(dagster_instance,
 
 
 def nightly(instance, database_url, schedule=nightly_schedule):
-    context = build_schedule_context(instance=instance,
-                                     resources={"postgres": PostgresResource(database_url=database_url)})  # fmt: skip
-    return schedule(context)
+    # closed after the evaluation: an open context with resources leaves Dagster's defs-state storage
+    # pointing at its instance, and a later test that loads definitions would reach the dead instance
+    with build_schedule_context(instance=instance,
+                                resources={"postgres": PostgresResource(database_url=database_url)}) as context:  # fmt: skip
+        return schedule(context)
 
 
 def test_nightly_requests_a_bounded_set_with_the_conservative_profile(dagster_instance, conn, database_url):

@@ -55,8 +55,10 @@ def tick(dagster_instance, database_url, gpu, clock):
             "postgres": PostgresResource(database_url=database_url),
             "gpu_model": GpuModelResource(mode="external", endpoints=endpoints or [gpu.url]),
         }
-        context = build_sensor_context(instance=dagster_instance, cursor=cursor, resources=resources)
-        return target(context)
+        # closed after the tick: an open context with resources leaves Dagster's defs-state storage
+        # pointing at its instance for later tests
+        with build_sensor_context(instance=dagster_instance, cursor=cursor, resources=resources) as context:
+            return target(context)
 
     return run
 
@@ -220,11 +222,11 @@ def test_tick_with_managed_mode_and_no_server_started_does_not_pause(dagster_ins
                                                                      imgpipe_home):  # fmt: skip
     seed_shards(conn, dagster_instance, 3)
     sensor = build_throttle_sensor(SETTINGS)
-    context = build_sensor_context(
+    with build_sensor_context(
         instance=dagster_instance,
         resources={"postgres": PostgresResource(database_url=database_url), "gpu_model": GpuModelResource()},
-    )
-    result = sensor(context)
+    ) as context:
+        result = sensor(context)
     assert len(result.run_requests) == 3
 
 
