@@ -32,6 +32,8 @@ DOCUMENTED_FRAGMENTS = {
     ("store/work.py", "columns"): "join of the module's constant column tuple",
     ("store/work.py", "placeholders"): "a run of '%s' placeholders, one per constant column",
     ("store/work.py", "updates"): "'c = EXCLUDED.c' for each constant column",
+    ("store/requeue.py", "where"): "fixed clauses of _selection joined by AND; classes, host, shards, since are parameters",
+    ("store/results.py", "where"): "the fixed shard and analysis-version clause of _where; their values are parameters",
 }
 
 
