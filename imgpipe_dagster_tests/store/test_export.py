@@ -167,3 +167,30 @@ def test_the_base_defaults_to_the_home_and_follows_the_environment(monkeypatch, 
     assert default_base_uri() == str(tmp_path / "home" / "export")
     monkeypatch.setenv("IMGPIPE_EXPORT_URI", "s3://bucket/analyses")
     assert default_base_uri() == "s3://bucket/analyses"
+
+
+def test_a_hugging_face_dataset_loads_an_exported_shard_as_it_is(conn, tmp_path, monkeypatch):
+    """datasets.load_dataset("parquet", …) on an exported file: offline, its cache under tmp_path, and
+    every column with the type the file has (no conversion on either side)."""
+    finish(conn, {"s1": [f"http://h.test/{i}.jpg" for i in range(30)]}, failed_every=10)
+    export_shard(conn, "s1", str(tmp_path / "export"))
+    path = tmp_path / "export" / "s1.parquet"
+    # read when datasets is imported: set first, so nothing reaches for the Hub or the user's cache
+    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}.items():
+        monkeypatch.setenv(name, value)
+    import datasets  # a dev dependency: missing, the test fails
+
+    assert datasets.config.HF_HUB_OFFLINE  # not imported earlier in this process with other settings
+
+    loaded = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+
+    assert loaded.num_rows == 30 == count_results(conn, ["s1"])["s1"]
+    exported = pq.read_schema(path)
+    assert loaded.features.arrow_schema.names == exported.names
+    changed = {f.name: (str(f.type), str(loaded.features.arrow_schema.field(f.name).type))
+               for f in exported if loaded.features.arrow_schema.field(f.name).type != f.type}  # fmt: skip
+    assert changed == {}
+    ok = next(row for row in loaded if row["status"] == "ok")
+    assert ok["caption"] == "a cat on a sofa" and ok["tags"] == ["cat", "sofa"] and ok["width"] == 64
+    assert ok["created_at"].tzinfo is not None
+    assert sorted(loaded.unique("status")) == ["failed", "ok"]

@@ -5,7 +5,9 @@ The corpus comes in through the command line (`imgpipe ingest`, twice: a 3-URL s
 33-URL shard s000002), so the UI must show url_corpus materialized without a UI run. Then, in order:
 a launchpad run of one shard, a backfill of both shards with the aggressive profile picked in the
 backfill dialog, each shard's own figures, checks and results sample, and a run with a bad config
-that the run-failure sensor does not retry.
+that the run-failure sensor does not retry. Last, `imgpipe dev` restarts with another prompt: both
+shards show as out of date ("Unsynced", a code version change), and a backfill analyses them again
+under the new analysis version while the old analyses stay as they were.
 
 Without /usr/bin/chromium the module skips, saying so, except in CI (CI=true), where it fails:
 `.ci/run` installs Debian's chromium, so a missing browser there is a broken CI, not a reason to skip.
@@ -33,10 +35,12 @@ import httpx
 import psutil
 import pytest
 
+from imgpipe_dagster.environment import PROMPT_ENV
 from imgpipe_dagster.gpu_server.launcher import GpuServerLauncher
 from imgpipe_dagster.paths import gpu_server_records_dir
 from imgpipe_dagster.processes import stop_process_group
 from imgpipe_dagster.store import database as db
+from imgpipe_dagster_tests.assets.versions_support import PROMPT_CHANGE
 from imgpipe_dagster_tests.conftest import REPO_ROOT, SESSION_MARK, _create_from_template
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,6 +79,18 @@ class DevServer:
     repository: str
     home: Path
     database_url: str
+    env: dict[str, str]
+    process: subprocess.Popen
+
+    def restart_with(self, changes: dict[str, str]) -> None:
+        """Stop `imgpipe dev` and start it again with ``changes`` in its environment, as an operator
+        does after changing IMGPIPE_PROMPT: the code location reads it when it loads, and a reload from
+        the UI would reuse the old environment. The earlier log is kept next to the new one."""
+        _stop(self.process)
+        log = self.home / "imgpipe-dev.log"
+        log.rename(self.home / f"imgpipe-dev-before-restart-{uuid.uuid4().hex[:6]}.log")
+        self.env = self.env | changes
+        self.process, self.base_url, self.location, self.repository = _start_dev(self.env, self.home)
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         response = httpx.post(f"{self.base_url}/graphql", json={"query": query, "variables": variables or {}},
@@ -218,17 +234,18 @@ def dev(pg_server_url, _templates, tiny_model_dir, image_server_module) -> Itera
         "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
         SESSION_MARK: os.environ.get(SESSION_MARK, ""),  # so the session's end finds what it leaves behind
     }
-    process = None
+    served = None
     try:
         for shard, urls in files.items():
             path = home / f"{shard}.csv"
             path.write_text("url\n" + "\n".join(urls) + "\n")
             assert "1 url_shards partitions added" in _cli_ingest(env, path)
         process, base_url, location, repository = _start_dev(env, home)
-        yield DevServer(base_url, location, repository, home, database_url)
+        served = DevServer(base_url, location, repository, home, database_url, env, process)
+        yield served
     finally:
-        if process is not None:
-            _stop(process)
+        if served is not None:
+            _stop(served.process)  # the latest one: a test may have restarted it
         GpuServerLauncher(gpu_server_records_dir(home)).stop()
         shutil.rmtree(home, ignore_errors=True)
 
@@ -424,11 +441,16 @@ ANALYSIS_RUNS = """{ runsOrError(filter: {}) { ... on Runs { results { runId sta
   tags { key value } assetSelection { path } } } } }"""
 
 
-def _wait_for_backfill(dev: DevServer) -> dict:
+def _backfill_ids(dev: DevServer) -> set[str]:
+    return {b["id"] for b in dev.graphql(BACKFILLS)["partitionBackfillsOrError"]["results"]}
+
+
+def _wait_for_backfill(dev: DevServer, earlier: set[str] = frozenset()) -> dict:
+    """The newest backfill, not one of ``earlier``, once it and its runs have finished."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     backfill = None
     while time.monotonic() < deadline:
-        results = dev.graphql(BACKFILLS)["partitionBackfillsOrError"]["results"]
+        results = [b for b in dev.graphql(BACKFILLS)["partitionBackfillsOrError"]["results"] if b["id"] not in earlier]
         backfill = results[0] if results else None
         runs = (backfill or {}).get("runs") or []
         if backfill and backfill["status"] in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED") \
@@ -446,7 +468,8 @@ def _metadata_value(page, label: str) -> str:
     return row.locator("td").nth(1).inner_text().strip()
 
 
-def test_a_multi_shard_backfill_with_a_profile_picked_in_the_dialog(dev, page):
+def _open_backfill_dialog_for_all_shards_with_config(page, dev: DevServer, config: str) -> None:
+    """image_analysis → Materialize… → All partitions, ``config`` typed into the dialog's editor."""
     page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions")
     page.get_by_text("s000002", exact=True).first.wait_for(state="visible")
     page.get_by_role("button", name="Materialize…").click()
@@ -455,10 +478,14 @@ def test_a_multi_shard_backfill_with_a_profile_picked_in_the_dialog(dev, page):
     page.get_by_role("button", name="Add config").click()
     page.locator(".CodeMirror").first.click()
     page.keyboard.press("Control+A")
-    page.keyboard.insert_text(BACKFILL_CONFIG)
+    page.keyboard.insert_text(config)
     page.get_by_text("No errors").wait_for(state="visible")
     page.get_by_role("button", name="Save config").click()
     page.get_by_text("profile: aggressive").first.wait_for(state="visible")
+
+
+def test_a_multi_shard_backfill_with_a_profile_picked_in_the_dialog(dev, page):
+    _open_backfill_dialog_for_all_shards_with_config(page, dev, BACKFILL_CONFIG)
     shot(page, "09_backfill_dialog_aggressive_two_shards")
     page.get_by_role("button", name="Launch backfill").click()
 
@@ -559,3 +586,79 @@ def test_dev_printed_no_python_warnings_or_notices(dev):
     noise = [line for line in log.splitlines()
              if re.search(r"\b\w+Warning: |alembic|Found a dagster instance configuration", line)]  # fmt: skip
     assert not noise, noise[:5]
+
+
+STALENESS = """query($partition: String!) { assetNodeOrError(assetKey: {path: ["image_analysis"]}) {
+  ... on AssetNode { staleStatus(partition: $partition) staleCauses(partition: $partition) { reason category } } } }"""
+
+
+def _staleness(dev: DevServer) -> dict[str, tuple[str, set[str]]]:
+    """{shard: (Dagster's stale status, the categories of its causes)}, as the partition page asks."""
+    found = {}
+    for shard in SHARDS:
+        node = dev.graphql(STALENESS, {"partition": shard})["assetNodeOrError"]
+        found[shard] = (node["staleStatus"], {cause["category"] for cause in node["staleCauses"]})
+    return found
+
+
+def _analyses(dev: DevServer) -> dict[str, dict[bytes, tuple]]:
+    """{analysis version: {url_hash: the row's analysis and when it was written}} of both shards."""
+    rows: dict[str, dict[bytes, tuple]] = {}
+    with db.connect(dev.database_url) as conn:
+        for version, url_hash, status, model_text, prompt_version, created_at in conn.execute(
+            "SELECT analysis_version, url_hash, status, model_text, prompt_version, created_at"
+            " FROM url_analysis_results"
+        ):
+            rows.setdefault(version, {})[url_hash] = (status, model_text, prompt_version, created_at)
+    return rows
+
+
+def _cli_verify(dev: DevServer, version: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from imgpipe_dagster.cli import main; sys.exit(main())",
+         "verify", "--require-complete", "--analysis-version", version],
+        env=dev.env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+def test_a_prompt_change_shows_the_shards_out_of_date_and_a_backfill_reanalyses_them(dev, page):
+    """Last in the module: it restarts `imgpipe dev` with another prompt (PROMPT_CHANGE)."""
+    before = _analyses(dev)
+    (old_version,) = before  # the launchpad run and the backfill analysed under the default prompt
+    assert sum(len(rows) for rows in before.values()) == sum(SHARD_SIZES.values())
+    assert _staleness(dev) == {shard: ("FRESH", set()) for shard in SHARDS}
+
+    dev.restart_with(PROMPT_CHANGE)
+    assert _staleness(dev) == {shard: ("STALE", {"CODE"}) for shard in SHARDS}
+    # the partition page: Dagster's "Unsynced" tag, and on hover the cause, a code version change
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions&partition=s000002")
+    page.get_by_text("s000002", exact=True).first.wait_for(state="visible")
+    unsynced = page.get_by_text("Unsynced (1)", exact=True)
+    unsynced.wait_for(state="visible")
+    unsynced.hover()
+    page.get_by_text("1 change since last materialization").wait_for(state="visible")
+    page.get_by_text("1 code version change", exact=True).wait_for(state="visible")
+    shot(page, "15_stale_partitions_after_prompt_change")
+
+    earlier = _backfill_ids(dev)
+    _open_backfill_dialog_for_all_shards_with_config(page, dev, BACKFILL_CONFIG)
+    page.get_by_role("button", name="Launch backfill").click()
+    backfill = _wait_for_backfill(dev, earlier)
+    assert [r["status"] for r in backfill["runs"]] == ["SUCCESS"], backfill
+    assert _staleness(dev) == {shard: ("FRESH", set()) for shard in SHARDS}
+
+    after = _analyses(dev)
+    new_version = next(iter(set(after) - {old_version}), None)
+    assert set(after) == {old_version, new_version} and new_version.startswith(f"{PROMPT_CHANGE[PROMPT_ENV]}:")
+    assert after[old_version] == before[old_version]  # the old analyses kept as they were
+    assert after[new_version].keys() == before[old_version].keys()  # every URL analysed again
+    assert {prompt.split("@")[0] for _, _, prompt, _ in after[new_version].values()} == {PROMPT_CHANGE[PROMPT_ENV]}
+    for version in (old_version, new_version):
+        verified = _cli_verify(dev, version)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    page.goto(f"{dev.base_url}/assets/image_analysis?view=partitions&partition=s000002")
+    assert _metadata_value(page, "analysis_version") == new_version
+    page.get_by_text("Unsynced (1)", exact=True).wait_for(state="detached")
+    page.locator("tr", has=page.get_by_text("analysis_version", exact=True)).first.scroll_into_view_if_needed()
+    shot(page, "16_partition_reanalysed_under_the_new_prompt")
