@@ -14,9 +14,12 @@ from imgpipe_dagster.store.work import shard_state_counts
 
 # Characters of the caption (or of the model's raw text) shown per sample row.
 SAMPLE_TEXT_CHARS = 120
+# Each shard's results under the analysis version the shard is bound to (older versions' rows are kept
+# beside them; docs/VERSIONS.md).
 RESULTS_QUERY = sql.SQL(
-    "SELECT url, status, bytes, width, height, analysis->>'caption' AS caption, model_text, error_class"
-    " FROM url_analysis_results{where} ORDER BY shard_id, url;"
+    "SELECT r.url, r.status, r.bytes, r.width, r.height, r.analysis->>'caption' AS caption, r.model_text,"
+    " r.error_class, r.analysis_version FROM url_analysis_results r JOIN shards s USING (shard_id)"
+    " WHERE r.analysis_version = coalesce(s.analysis_version, 'unversioned'){where} ORDER BY r.shard_id, r.url;"
 )
 
 
@@ -120,4 +123,4 @@ def results_query(shard_id: str | None = None) -> str:
     """The SQL that lists every result (of one shard, or of the corpus), for psql or `imgpipe` users."""
     if shard_id is None:
         return RESULTS_QUERY.format(where=sql.SQL("")).as_string(None)
-    return RESULTS_QUERY.format(where=sql.SQL(" WHERE shard_id = {}").format(sql.Literal(shard_id))).as_string(None)
+    return RESULTS_QUERY.format(where=sql.SQL(" AND r.shard_id = {}").format(sql.Literal(shard_id))).as_string(None)

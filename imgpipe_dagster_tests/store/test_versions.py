@@ -8,6 +8,7 @@ import pytest
 
 from imgpipe_dagster.store import versions, work
 from imgpipe_dagster.store.results import RESULT_FIELDS, stream_results
+from imgpipe_dagster.store.shard_report import results_query, results_sample
 from imgpipe_dagster.store.verify import NOT_ANALYSED, verify
 from imgpipe_dagster.store.work import UrlOutcome
 from imgpipe_dagster_tests.support import seed_corpus
@@ -111,6 +112,18 @@ def test_results_of_a_shard_are_read_per_version(conn, shard):
     assert {r[version_at] for r in bound} == {B} and len(bound) == 4
     assert {r[version_at] for r in old} == {A} and len(old) == 4
     assert versions.versions_of_shards(conn, [shard]) == {A: {"ok": 4}, B: {"ok": 4}}
+
+
+def test_the_results_query_shown_in_the_ui_lists_the_bound_versions_rows(conn, shard):
+    analyse(conn, "run-a", A, fail={URLS[3]})
+    analyse(conn, "run-b", B)
+    for query in (results_query(shard), results_query()):
+        listed = conn.execute(query).fetchall()
+        assert sorted(row[0] for row in listed) == sorted(URLS) and {row[-1] for row in listed} == {B}
+    # a sample a person reads in the UI is of one version too
+    assert {row.url for row in results_sample(conn, shard, A)} == set(URLS)
+    assert {row.error_class for row in results_sample(conn, shard, A)} == {None, "http_404"}
+    assert {row.error_class for row in results_sample(conn, shard, B)} == {None}
 
 
 def test_imgpipe_verify_checks_the_configured_version_unless_told(conn, shard, database_url, monkeypatch, capsys):
