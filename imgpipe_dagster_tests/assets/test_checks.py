@@ -72,8 +72,11 @@ def test_parse_check_holds_only_a_real_model_to_json():
 
 def test_completeness_check_follows_the_verify_report():
     assert checks.every_url_final(VerifyReport(urls=3, final=3)).passed
+    # URLs still waiting in the pool warn; only a lost or inconsistent URL is an error (and blocks)
     unfinished = checks.every_url_final(VerifyReport(urls=3, final=2, unfinished={"pending": 1}))
-    assert not unfinished.passed and unfinished.severity == AssetCheckSeverity.ERROR
+    assert not unfinished.passed and unfinished.severity == AssetCheckSeverity.WARN
+    inconsistent = checks.every_url_final(VerifyReport(urls=3, final=3, inconsistent={"done_without_result": 1}))
+    assert not inconsistent.passed and inconsistent.severity == AssetCheckSeverity.ERROR
 
 
 def test_parse_stats_counts_successful_results_of_the_shards(conn):
