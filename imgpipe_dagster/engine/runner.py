@@ -158,6 +158,7 @@ class ShardRunner:
         self.tail = TailWatch(window_s=run.tail_window_s, slow_share=run.tail_slow_share,
                               host_share=run.tail_host_share, started_at=time.monotonic())  # fmt: skip
         self.tail_handed_back = asyncio.Event()  # set by the claimer; the fetch stage drops its downloads
+        self._past_downloads: set[bytes] = set()  # URLs whose image is in hand (they left the tail)
         self.outstanding = 0  # leased by us and not yet written
         self.unfinished_at_start = 0  # URLs of our shards not final when the run began (for the ETA)
         self.leftover = Leftover()
@@ -277,7 +278,7 @@ class ShardRunner:
                     await self.writer.flush(wait=True)
                     if self.tail_handed_back.is_set():
                         self.downloads.tail_handed_back = await self._db(
-                            work.hand_back_tail, self.owner, self.shard_ids, run.host_deferral_s)
+                            work.hand_back_tail, self.owner, self.shard_ids, run.retry_wait_s, run.host_deferral_s)
                         log.info("handed %d URLs back to the pool, due in %.0fs: %s", self.downloads.tail_handed_back,
                                  run.host_deferral_s, self.downloads.tail_hand_back_reason)  # fmt: skip
                 finally:
@@ -372,6 +373,7 @@ class ShardRunner:
                 return
             stored = self.image_store.load(item.shard_id, item.url_hash.hex(), item.url, item) if self.image_store else None
             if stored is not None:  # kept by an earlier run: no download
+                self._image_in_hand(item)
                 await self._to_gpu(_Fetched(item, stored))
                 continue
             yield item, item.url
@@ -409,11 +411,16 @@ class ShardRunner:
                 self.downloads.body_bytes += result.bytes or 0
                 if self.image_store is not None:
                     self.image_store.add(claimed.shard_id, claimed.url_hash.hex(), result)
+                self._image_in_hand(claimed)
                 await self._to_gpu(_Fetched(claimed, result))
             else:
                 outcome = outcomes.fetch_failure(claimed, result, self.fetch_retry, datetime.now(UTC),
                                                  deferral_s=self.settings.run.host_deferral_s)  # fmt: skip
                 self._emit(outcome, claimed)
+
+    def _image_in_hand(self, claimed: ClaimedUrl) -> None:
+        self._past_downloads.add(claimed.url_hash)
+        self.tail.left(claimed.url_hash, origin_of(claimed.url) or "", through=True, due_at=None)
 
     async def _to_gpu(self, fetched: _Fetched) -> None:
         """Queue the image for the GPU, unless identical bytes were (or are being) analysed: then the
@@ -530,11 +537,13 @@ class ShardRunner:
         if claimed.attempts == 0 and outcome.state != "pending":
             self.downloads.last_fresh_outcome_at = now
             self.downloads.images_at_last_fresh = self.downloads.images_to_gpu
-        due_at = None
-        if outcome.next_attempt_at is not None:
-            due_at = now + (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
-        self.tail.left(claimed.url_hash, origin_of(claimed.url) or "",
-                       final=outcome.state in ("done", "failed_permanent"), due_at=due_at)  # fmt: skip
+        if claimed.url_hash not in self._past_downloads:  # one whose image was in hand left the tail then
+            due_at = None
+            if outcome.next_attempt_at is not None:
+                due_at = now + (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
+            self.tail.left(claimed.url_hash, origin_of(claimed.url) or "",
+                           through=outcome.state in ("done", "failed_permanent"), due_at=due_at)  # fmt: skip
+        self._past_downloads.discard(claimed.url_hash)
         self.writer.emit(outcome)
 
     def _written(self, chunk: list[UrlOutcome], seconds: float) -> None:

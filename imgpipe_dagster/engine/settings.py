@@ -46,9 +46,9 @@ class RunSettings:
     # a tail the run hands back (below)
     host_deferral_s: float = 30.0
     # a run hands its tail back to the pool and ends (engine/tail.py) when, after fresh work ran out,
-    # it finalised URLs at under tail_slow_share of its pace for tail_window_s seconds, and the hosts
-    # still holding its URLs had at most tail_host_share of the run's URLs (else they are its backlog)
-    tail_window_s: float = 5.0
+    # URLs got through it at under tail_slow_share of its pace for tail_window_s seconds, and the hosts
+    # of the URLs left held at most tail_host_share of the run's URLs (else they are its backlog)
+    tail_window_s: float = 1.0
     tail_slow_share: float = 0.25
     tail_host_share: float = 0.5
     # downloads in flight (engine/inflight.py) start at and never go below the legacy

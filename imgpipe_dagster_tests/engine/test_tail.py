@@ -21,13 +21,13 @@ FAST, SLOW = "http://fast:80", "http://slow:80"
 
 
 def watch_after_fast_pass(fast_urls: int, slow_urls: int) -> TailWatch:
-    """100 s of a run: every fast host URL final at 1/s, the slow host's URLs all still held."""
+    """100 s of a run: every fast host URL through at 1/s, the slow host's URLs all still held."""
     watch = TailWatch(window_s=5.0, slow_share=0.25, host_share=0.5, started_at=0.0)
     for n in range(slow_urls):
         watch.claimed(b"s%d" % n, SLOW)
     for n in range(fast_urls):
         watch.claimed(b"f%d" % n, FAST)
-        watch.left(b"f%d" % n, FAST, final=True, due_at=None)
+        watch.left(b"f%d" % n, FAST, through=True, due_at=None)
         watch.hand_back_reason(n * 100 / fast_urls, wait_for_s=2.0)
     watch.fresh_ran_out(100.0)
     return watch
@@ -36,7 +36,7 @@ def watch_after_fast_pass(fast_urls: int, slow_urls: int) -> TailWatch:
 def test_a_few_slow_hosts_hand_back_their_tail():
     watch = watch_after_fast_pass(fast_urls=90, slow_urls=10)
     assert watch.hand_back_reason(102.0, wait_for_s=2.0) is None  # not a whole window yet
-    watch.left(b"s0", SLOW, final=True, due_at=None)  # 1 URL in 6 s: far under the run's pace
+    watch.left(b"s0", SLOW, through=True, due_at=None)  # 1 URL in 6 s: far under the run's pace
     reason = watch.hand_back_reason(106.0, wait_for_s=2.0)
     assert reason is not None and "9 URLs of 1 hosts" in reason
 
@@ -44,22 +44,22 @@ def test_a_few_slow_hosts_hand_back_their_tail():
 def test_a_tail_that_is_the_runs_own_backlog_is_finished():
     watch = watch_after_fast_pass(fast_urls=40, slow_urls=60)  # the slow host is most of the run
     watch.hand_back_reason(102.0, wait_for_s=2.0)
-    watch.left(b"s0", SLOW, final=True, due_at=None)
+    watch.left(b"s0", SLOW, through=True, due_at=None)
     assert watch.hand_back_reason(106.0, wait_for_s=2.0) is None
 
 
 def test_a_tail_that_keeps_the_runs_pace_is_finished():
     watch = watch_after_fast_pass(fast_urls=90, slow_urls=10)
     for n, at in enumerate((101.0, 102.0, 103.0, 104.0, 105.0, 106.0)):
-        watch.left(b"s%d" % n, SLOW, final=True, due_at=None)  # 1/s, as fast as the run went
+        watch.left(b"s%d" % n, SLOW, through=True, due_at=None)  # 1/s, as fast as the run went
         assert watch.hand_back_reason(at, wait_for_s=2.0) is None
 
 
 def test_urls_put_back_due_soon_are_part_of_the_tail():
     watch = watch_after_fast_pass(fast_urls=90, slow_urls=2)
     watch.hand_back_reason(101.0, wait_for_s=2.0)
-    watch.left(b"s0", SLOW, final=False, due_at=107.0)  # a 429 pause: the run would wait for it
-    watch.left(b"s1", SLOW, final=False, due_at=200.0)  # due long after: left to a later run anyway
+    watch.left(b"s0", SLOW, through=False, due_at=107.0)  # a 429 pause: the run would wait for it
+    watch.left(b"s1", SLOW, through=False, due_at=200.0)  # due long after: left to a later run anyway
     assert watch.left_over(106.0, wait_for_s=2.0) == {SLOW: 1}
     watch.claimed(b"s0", SLOW)  # claimed again: held, no longer waiting in the pool
     assert watch.left_over(106.0, wait_for_s=2.0) == {SLOW: 1}
