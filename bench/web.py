@@ -230,7 +230,8 @@ def main() -> None:
                 emit(figure="slot_seconds_by_outcome", value=downloads.get("slot_seconds"), **common)
                 emit(figure="tail_after_first_pass", seconds=downloads.get("tail_after_first_pass_s"),
                      images_to_gpu=downloads.get("images_to_gpu_in_tail"),
-                     waiting_for_retry=meta.get("urls_waiting_for_retry"), **common)  # fmt: skip
+                     waiting_for_retry=meta.get("run_urls_waiting_for_retry"),
+                     tail_handed_back=downloads.get("tail_handed_back"), **common)  # fmt: skip
                 emit(figure="cpu_used", value=round(run["cpu"] / wall, 2), unit="cores of 2", **common)
                 emit(figure="rss_peak_mb", value=round(run["rss_peak"] / 2**20), **common)
                 table.append(f"{profile:13} {web:9} {rates[web]:8.1f} {final:6d}/{n_urls:<6d} {wall:6.1f} "

@@ -4,7 +4,8 @@ Every URL the run leases leaves it through exactly one outcome (engine/outcomes.
 engine/writer.py stores it): done or failed_permanent (final, with a result row), failed_retryable
 (backoff, claimed again when due, before fresh URLs) or pending (a GPU outage or a deferred host:
 returned without spending the URL's retry budget). The run ends when every URL of its shards is
-final, or when what is left is not due yet (a later run finishes it) or leased by another live run.
+final, or when what is left is not due yet (a later run finishes it) or leased by another live run,
+or when its tail is a few slow hosts' URLs that it hands back to the pool (engine/tail.py).
 The downloads in flight follow the work (engine/inflight.py).
 """
 
@@ -27,8 +28,10 @@ from imgpipe_dagster.engine.image_store import ImageStore
 from imgpipe_dagster.engine.inflight import InFlightBounds, InFlightController, MachineBudget, Sample
 from imgpipe_dagster.engine.settings import EngineSettings
 from imgpipe_dagster.engine.stats import RunStats, RunSummary
+from imgpipe_dagster.engine.tail import TailWatch
 from imgpipe_dagster.engine.writer import OutcomeWriter
 from imgpipe_dagster.fetch import FetchResult, ImageFetcher
+from imgpipe_dagster.fetch.fetcher import origin_of
 from imgpipe_dagster.gpu_server.client import (
     GpuClient,
     RequestRejected,
@@ -72,6 +75,8 @@ class DownloadFigures:
         self.body_bytes = 0
         self.last_fresh_outcome_at: float | None = None
         self.images_at_last_fresh = 0
+        self.tail_handed_back = 0  # URLs the run handed back to the pool as its tail (engine/tail.py)
+        self.tail_hand_back_reason: str | None = None
 
     def sample(self, in_flight: int | None, limit: int) -> None:
         self.limit_peak = max(self.limit_peak, limit)
@@ -93,6 +98,8 @@ class DownloadFigures:
             "tail_after_first_pass_s": round(max(tail_s, 0.0), 2),
             "images_to_gpu_in_tail": self.images_to_gpu - self.images_at_last_fresh,
             "images_to_gpu": self.images_to_gpu,
+            "tail_handed_back": self.tail_handed_back,
+            "tail_hand_back_reason": self.tail_hand_back_reason,
         }
 
 
@@ -148,6 +155,10 @@ class ShardRunner:
             RetrySettings(retry_attempts=run.inference_retry_attempts, retry_delay=run.inference_retry_delay_s)
         )
         self.in_flight = InFlightController(_in_flight_bounds(settings))
+        self.tail = TailWatch(window_s=run.tail_window_s, slow_share=run.tail_slow_share,
+                              host_share=run.tail_host_share, started_at=time.monotonic())  # fmt: skip
+        self.tail_handed_back = asyncio.Event()  # set by the claimer; the fetch stage drops its downloads
+        self._past_downloads: set[bytes] = set()  # URLs whose image is in hand (they left the tail)
         self.outstanding = 0  # leased by us and not yet written
         self.unfinished_at_start = 0  # URLs of our shards not final when the run began (for the ETA)
         self.leftover = Leftover()
@@ -265,6 +276,11 @@ class ShardRunner:
                 try:
                     await asyncio.gather(*stages)
                     await self.writer.flush(wait=True)
+                    if self.tail_handed_back.is_set():
+                        self.downloads.tail_handed_back = await self._db(
+                            work.hand_back_tail, self.owner, self.shard_ids, run.retry_wait_s, run.host_deferral_s)
+                        log.info("handed %d URLs back to the pool, due in %.0fs: %s", self.downloads.tail_handed_back,
+                                 run.host_deferral_s, self.downloads.tail_hand_back_reason)  # fmt: skip
                 finally:
                     for task in stages + background:
                         task.cancel()
@@ -296,8 +312,11 @@ class ShardRunner:
                         log.warning("claiming work failed (%s); trying again", exc.__class__.__name__)
                         await asyncio.sleep(1.0)
                         continue
+                    if len(claimed) < room:
+                        self.tail.fresh_ran_out(time.monotonic())
                 for item in claimed:
                     self.outstanding += 1
+                    self.tail.claimed(item.url_hash, origin_of(item.url) or "")
                     if item.attempts == 0:
                         self.fetch_retry.note_first_attempt()
                     self._queue_url(item)
@@ -305,6 +324,11 @@ class ShardRunner:
                     waiting_on_others_since = None
                     self.waiting_for = None
                     continue
+                reason = self.tail.hand_back_reason(time.monotonic(), run.retry_wait_s)
+                if reason is not None:
+                    self.downloads.tail_hand_back_reason = reason
+                    self.tail_handed_back.set()
+                    return
                 if self.outstanding > 0:
                     await asyncio.sleep(0.2)
                     continue
@@ -349,34 +373,54 @@ class ShardRunner:
                 return
             stored = self.image_store.load(item.shard_id, item.url_hash.hex(), item.url, item) if self.image_store else None
             if stored is not None:  # kept by an earlier run: no download
+                self._image_in_hand(item)
                 await self._to_gpu(_Fetched(item, stored))
                 continue
             yield item, item.url
 
     async def _fetch_stage(self, fetcher: ImageFetcher) -> None:
+        downloads = asyncio.create_task(self._download_all(fetcher))
+        handed_back = asyncio.create_task(self.tail_handed_back.wait())
         try:
-            async for result in fetcher.stream(self._claimed_urls()):
-                claimed: ClaimedUrl = result.key
-                self.stats.sample(self.stats.download_ms, result.download_ms)
-                seconds = (result.download_ms or 0) / 1000
-                self.stats.stage_s["fetch"] += seconds
-                self.downloads.completed += 1
-                if result.ok:
-                    self.downloads.completed_ok += 1
-                    self.downloads.body_bytes += result.bytes or 0
-                    if self.image_store is not None:
-                        self.image_store.add(claimed.shard_id, claimed.url_hash.hex(), result)
-                    await self._to_gpu(_Fetched(claimed, result))
-                else:
-                    outcome = outcomes.fetch_failure(claimed, result, self.fetch_retry, datetime.now(UTC),
-                                                     deferral_s=self.settings.run.host_deferral_s)  # fmt: skip
-                    self._emit(outcome, claimed)
+            await asyncio.wait({downloads, handed_back}, return_when=asyncio.FIRST_COMPLETED)
+            if not downloads.done():
+                # the tail goes back to the pool (the run's leases with it): downloads waiting at their
+                # hosts or in flight are dropped, the images already downloaded still go to the GPU tier
+                downloads.cancel()
+                await asyncio.wait({downloads})
+            elif not downloads.cancelled():
+                downloads.result()  # raises what failed the downloads
             if self._routing:  # images still waiting for a duplicate's analysis (the GPU stage answers it)
                 await asyncio.gather(*list(self._routing))
         finally:
+            downloads.cancel()
+            handed_back.cancel()
             for task in list(self._routing):  # a failed or cancelled run: nobody answers them any more
                 task.cancel()
             await self.images.put(_END)
+
+    async def _download_all(self, fetcher: ImageFetcher) -> None:
+        async for result in fetcher.stream(self._claimed_urls()):
+            claimed: ClaimedUrl = result.key
+            self.stats.sample(self.stats.download_ms, result.download_ms)
+            seconds = (result.download_ms or 0) / 1000
+            self.stats.stage_s["fetch"] += seconds
+            self.downloads.completed += 1
+            if result.ok:
+                self.downloads.completed_ok += 1
+                self.downloads.body_bytes += result.bytes or 0
+                if self.image_store is not None:
+                    self.image_store.add(claimed.shard_id, claimed.url_hash.hex(), result)
+                self._image_in_hand(claimed)
+                await self._to_gpu(_Fetched(claimed, result))
+            else:
+                outcome = outcomes.fetch_failure(claimed, result, self.fetch_retry, datetime.now(UTC),
+                                                 deferral_s=self.settings.run.host_deferral_s)  # fmt: skip
+                self._emit(outcome, claimed)
+
+    def _image_in_hand(self, claimed: ClaimedUrl) -> None:
+        self._past_downloads.add(claimed.url_hash)
+        self.tail.left(claimed.url_hash, origin_of(claimed.url) or "", through=True, due_at=None)
 
     async def _to_gpu(self, fetched: _Fetched) -> None:
         """Queue the image for the GPU, unless identical bytes were (or are being) analysed: then the
@@ -489,9 +533,17 @@ class ShardRunner:
             self.duplicates.settle(leading, analysis_of(outcome))
         if outcome.error_class and outcome.state != "pending":
             self.stats.failures_by_class[outcome.error_class] += 1
+        now = time.monotonic()
         if claimed.attempts == 0 and outcome.state != "pending":
-            self.downloads.last_fresh_outcome_at = time.monotonic()
+            self.downloads.last_fresh_outcome_at = now
             self.downloads.images_at_last_fresh = self.downloads.images_to_gpu
+        if claimed.url_hash not in self._past_downloads:  # one whose image was in hand left the tail then
+            due_at = None
+            if outcome.next_attempt_at is not None:
+                due_at = now + (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
+            self.tail.left(claimed.url_hash, origin_of(claimed.url) or "",
+                           through=outcome.state in ("done", "failed_permanent"), due_at=due_at)  # fmt: skip
+        self._past_downloads.discard(claimed.url_hash)
         self.writer.emit(outcome)
 
     def _written(self, chunk: list[UrlOutcome], seconds: float) -> None:

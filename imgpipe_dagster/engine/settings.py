@@ -42,8 +42,15 @@ class RunSettings:
     # when nothing is claimable and only retries that are not due yet are left, a run waits for them
     # at most this long (s); later ones stay in the pool with their due time for a later run
     retry_wait_s: float = 2.0
-    # seconds a URL whose host deferred it waits when the fetcher named no time
+    # seconds a URL whose host deferred it waits when the fetcher named no time; also the due time of
+    # a tail the run hands back (below)
     host_deferral_s: float = 30.0
+    # a run hands its tail back to the pool and ends (engine/tail.py) when, after fresh work ran out,
+    # URLs got through it at under tail_slow_share of its pace for tail_window_s seconds, and the hosts
+    # of the URLs left held at most tail_host_share of the run's URLs (else they are its backlog)
+    tail_window_s: float = 1.0
+    tail_slow_share: float = 0.25
+    tail_host_share: float = 0.5
     # downloads in flight (engine/inflight.py) start at and never go below the legacy
     # prefetch_concurrent_downloads, and stay under FetchSettings.max_in_flight_ceiling and this
     # machine-wide budget: downloads in flight of all runs on this machine together (under IMGPIPE_HOME)

@@ -111,7 +111,7 @@ def origin_key(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}:{port}"
 
 
-def _origin_of(url: object) -> str | None:
+def origin_of(url: object) -> str | None:
     """origin_key of an unchecked URL string, or None (it will fail as INVALID_URL anyway)."""
     try:
         return origin_key(httpx.URL(str(url).strip()))
@@ -667,7 +667,7 @@ class ImageFetcher:
                         item = await source.next()
                         if item is None:
                             break
-                        origin = _origin_of(item[1])
+                        origin = origin_of(item[1])
                         deferral = None
                         while pending >= self._lookahead() and not self.hosts.would_defer(origin):
                             deferral = self.hosts.stalled(origin)

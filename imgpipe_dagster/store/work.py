@@ -221,6 +221,30 @@ def release_leases(conn: psycopg.Connection, owner: str) -> int:
     return cur.rowcount
 
 
+def hand_back_tail(
+    conn: psycopg.Connection, owner: str, shard_ids: Sequence[str], wait_for_s: float, due_in_s: float
+) -> int:
+    """A run leaves its tail to a later run (engine/tail.py): the URLs it still leases go back to
+    pending, and its shards' URLs in the pool due within ``wait_for_s`` (the run would have waited for
+    them), all due in ``due_in_s`` seconds. No retry is spent and no due time is brought forward.
+    Returns the URLs handed back."""
+    cur = conn.execute(
+        """
+        UPDATE corpus_urls
+           SET state = CASE WHEN state = 'leased' THEN 'pending'::url_state ELSE state END,
+               lease_owner = NULL, lease_expires_at = NULL,
+               next_attempt_at = now() + make_interval(secs => %(due_in_s)s), updated_at = now()
+         WHERE (state = 'leased' AND lease_owner = %(owner)s)
+            OR (shard_id = ANY(%(shards)s) AND state IN ('pending', 'failed_retryable')
+                AND next_attempt_at > now()
+                AND next_attempt_at <= now() + make_interval(secs => least(%(wait_for_s)s, %(due_in_s)s)))
+        """,
+        {"owner": owner, "shards": list(shard_ids), "wait_for_s": wait_for_s, "due_in_s": due_in_s},
+    )
+    conn.commit()
+    return cur.rowcount
+
+
 def _staging_row(outcome: UrlOutcome) -> tuple:
     result = outcome.result
     analysis = result.get("analysis")
