@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 
 # runs in a fresh process so its peak RSS is the fetcher's alone (the server lives in the test process)
 WORKER = r"""
-import asyncio, json, resource, sys
+import asyncio, json, sys
 from dataclasses import replace
 from imgpipe_dagster.fetch import ImageFetcher
 from imgpipe_dagster.settings_map import medium_fetch_settings
@@ -34,7 +34,9 @@ async def main():
     return outcome
 
 outcome = asyncio.run(main())
-peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM is this process's own peak; ru_maxrss would also count the test process's RSS at exec (Linux
+# carries the old address space's high-water mark over), over 1 GiB late in a full suite
+peak_mib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
 print(json.dumps({"outcome": outcome, "peak_rss_mib": peak_mib}))
 """
 
