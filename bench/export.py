@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_db import fresh_database  # noqa: E402
+
 from imgpipe_dagster.store import database as db  # noqa: E402
-from imgpipe_dagster.store.migrations import migrate  # noqa: E402
 
 
 def emit(**figure) -> None:
@@ -78,27 +77,19 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], args.child[2], int(args.child[3]))
         return
-    server = os.environ.get("IMGPIPE_DATABASE_URL") or db.resolve_database_url()
-    url = db.with_database(server, f"imgpipe_bench_{uuid.uuid4().hex[:6]}")
-    db.ensure_database(url)
-    try:
-        with db.connect(url) as conn:
-            migrate(conn)
-        with tempfile.TemporaryDirectory(prefix="imgpipe-export-bench-") as out:
-            for rows in (int(n) for n in args.rows.split(",")):
-                shard = f"b{rows}"
-                fill(url, shard, rows)
-                streamed = measure(url, shard, out, args.batch_rows)
-                whole = measure(url, shard, out, rows + 1)
-                for name, figures in (("streamed", streamed), ("whole_shard", whole)):
-                    emit(figure=f"export_{name}_rows_per_s", value=round(figures["rows"] / figures["seconds"]),
-                         rows=figures["rows"], row_groups=figures["row_groups"],
-                         file_mb=round(figures["bytes"] / 2**20, 2))  # fmt: skip
-                    emit(figure=f"export_{name}_rss_added_mb", value=round(figures["rss_added_mb"], 1), rows=rows)
-                emit(figure="export_rss_whole_over_streamed", rows=rows, unit="x",
-                     value=round(whole["rss_added_mb"] / max(streamed["rss_added_mb"], 0.1), 2))  # fmt: skip
-    finally:
-        db.drop_database(url)
+    with fresh_database() as url, tempfile.TemporaryDirectory(prefix="imgpipe-export-bench-") as out:
+        for rows in (int(n) for n in args.rows.split(",")):
+            shard = f"b{rows}"
+            fill(url, shard, rows)
+            streamed = measure(url, shard, out, args.batch_rows)
+            whole = measure(url, shard, out, rows + 1)
+            for name, figures in (("streamed", streamed), ("whole_shard", whole)):
+                emit(figure=f"export_{name}_rows_per_s", value=round(figures["rows"] / figures["seconds"]),
+                     rows=figures["rows"], row_groups=figures["row_groups"],
+                     file_mb=round(figures["bytes"] / 2**20, 2))  # fmt: skip
+                emit(figure=f"export_{name}_rss_added_mb", value=round(figures["rss_added_mb"], 1), rows=rows)
+            emit(figure="export_rss_whole_over_streamed", rows=rows, unit="x",
+                 value=round(whole["rss_added_mb"] / max(streamed["rss_added_mb"], 0.1), 2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -142,13 +142,17 @@ def _unavailable(state: ServerState) -> JSONResponse:
     return _error(503, state.status, f"server is {state.status}", headers={"Retry-After": "5"})
 
 
-async def analyze(request: Request) -> Response:
-    state = _state(request)
-    response = await _analyze(state, request)
+def _counted(state: ServerState, response: Response) -> Response:
+    """Every answer of an analysis endpoint (native or OpenAI) in the request metrics and rejections."""
     state.metrics.requests.labels(status=str(response.status_code)).inc()
     if response.status_code >= 400:
         state.rejected += 1
     return response
+
+
+async def analyze(request: Request) -> Response:
+    state = _state(request)
+    return _counted(state, await _analyze(state, request))
 
 
 async def _analyze(state: ServerState, request: Request) -> Response:
@@ -429,7 +433,7 @@ def create_app(
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             # OpenAI-compatible face over the same batcher (openai_api.py)
-            *openai_routes(_authorised, _read_body_capped),
+            *openai_routes(_authorised, _read_body_capped, _counted),
         ],
         exception_handlers={404: _not_found, 405: _method_not_allowed, ClientDisconnect: _client_disconnected},
         lifespan=lifespan,

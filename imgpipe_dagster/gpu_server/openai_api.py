@@ -35,6 +35,7 @@ from imgpipe_dagster.gpu_server.prompts import UnknownPromptError, available_pro
 
 Authorised = Callable[[Any, Request], bool]
 ReadBody = Callable[[Request, int], Awaitable[bytes | None]]
+Counted = Callable[[Any, Response], Response]
 
 
 class ChatRequestError(ValueError):
@@ -145,8 +146,9 @@ def completion(state: Any, outcome: Any, model: str) -> dict[str, Any]:
     }
 
 
-def openai_routes(authorised: Authorised, read_body: ReadBody) -> list[Route]:
-    """The routes, given the app's bearer check and capped body reader (app.py owns both)."""
+def openai_routes(authorised: Authorised, read_body: ReadBody, counted: Counted) -> list[Route]:
+    """The routes, given the app's bearer check, capped body reader and request accounting (app.py
+    owns all three)."""
 
     def unauthorised() -> JSONResponse:
         return openai_error(401, "invalid_api_key", "missing or wrong API key (bearer token)",
@@ -162,11 +164,7 @@ def openai_routes(authorised: Authorised, read_body: ReadBody) -> list[Route]:
 
     async def chat_completions(request: Request) -> Response:
         state = request.app.state.server
-        response = await _chat(state, request)
-        state.metrics.requests.labels(status=str(response.status_code)).inc()
-        if response.status_code >= 400:
-            state.rejected += 1
-        return response
+        return counted(state, await _chat(state, request))
 
     async def _chat(state: Any, request: Request) -> Response:
         if not authorised(state, request):
